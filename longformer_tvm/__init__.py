@@ -1,0 +1,29 @@
+"""longformer-tvm: Longformer's sliding-window (diagonal-band) attention products as PyTorch ops.
+
+The kernels are TVM-compiled ahead of time (``build_kernels.py``) and loaded through the TVM
+runtime; importing this package never imports the TVM compiler and never fails because a binary
+is missing -- that becomes an error at call time naming what to build (see :func:`backend_info`).
+"""
+
+import logging as _logging
+import os as _os
+
+from . import reference
+from ._loader import KernelIntegrityError, KernelNotAvailableError, backend_info
+from .functional import diagonaled_mm, sliding_window_pv, sliding_window_pv_transposed, sliding_window_qk
+
+_level = _os.environ.get("LONGFORMER_TVM_LOG_LEVEL")
+if _level:
+    _logging.getLogger("longformer_tvm").setLevel(_level.upper())
+
+__all__ = [
+    "diagonaled_mm",
+    "sliding_window_qk",
+    "sliding_window_pv",
+    "sliding_window_pv_transposed",
+    "backend_info",
+    "reference",
+    "KernelNotAvailableError",
+    "KernelIntegrityError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,124 @@
+"""The band products as ``torch.library`` custom ops over the compiled kernels.
+
+Each op is one opaque node for ``torch.compile`` (with a fake implementation for shapes) and has
+its backward registered in terms of the other two, as in the paper: the products are closed under
+differentiation.
+
+    qk(q, k)   -> s      ds: dq = pv(ds, k),        dk = tpv(ds, q)
+    pv(p, v)   -> o      do: dp = qk(do, v, pad=0), dv = tpv(p, do)
+    tpv(g, x)  -> o      do: dg = qk(x, do, pad=0), dx = pv(g, do)
+
+Outputs are allocated here and passed to the kernels, which never allocate them. Per-head
+dilation runs one kernel call per maximal run of heads with equal dilation, on strided views.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _loader, reference
+from ._checks import Band
+
+_LIB = "longformer_tvm"
+
+
+def _band(left: int, right: int, dilation: list[int]) -> Band:
+    return Band(left=left, right=right, dilation=tuple(dilation))
+
+
+def _prepare(t: torch.Tensor) -> torch.Tensor:
+    """Kernels take any strides with a unit last stride; anything else is copied once."""
+    if t.stride(-1) != 1 or t.storage_offset() < 0:
+        return t.contiguous()
+    return t
+
+
+def _run(product: str, a: torch.Tensor, b: torch.Tensor, band: Band, out_last: int,
+         padding: float | None) -> torch.Tensor:
+    bsz, n, heads, _ = a.shape
+    out = torch.empty(bsz, n, heads, out_last, dtype=a.dtype, device=a.device)
+    if out.numel() == 0:
+        return out
+    kernel = _loader.kernel_for(product, a)
+    if kernel is None:  # the reference backend was chosen explicitly (see _loader.backend_info)
+        fn = {"qk": reference.band_qk, "pv": reference.band_pv, "tpv": reference.band_pv_transposed}
+        args = (a, b, band) if padding is None else (a, b, band, padding)
+        out.copy_(fn[product](*args))
+        return out
+    a, b = _prepare(a), _prepare(b)
+    for h0, h1, d in band.head_runs():
+        views = (a[:, :, h0:h1], b[:, :, h0:h1], out[:, :, h0:h1])
+        if padding is None:
+            kernel(*views, band.left, band.right, d)
+        else:
+            kernel(*views, band.left, band.right, d, padding)
+    return out
+
+
+@torch.library.custom_op(f"{_LIB}::band_qk", mutates_args=())
+def band_qk(q: torch.Tensor, k: torch.Tensor, left: int, right: int, dilation: list[int],
+            padding: float) -> torch.Tensor:
+    band = _band(left, right, dilation)
+    return _run("qk", q, k, band, band.columns, padding)
+
+
+@torch.library.custom_op(f"{_LIB}::band_pv", mutates_args=())
+def band_pv(p: torch.Tensor, v: torch.Tensor, left: int, right: int,
+            dilation: list[int]) -> torch.Tensor:
+    return _run("pv", p, v, _band(left, right, dilation), v.shape[3], None)
+
+
+@torch.library.custom_op(f"{_LIB}::band_tpv", mutates_args=())
+def band_tpv(g: torch.Tensor, x: torch.Tensor, left: int, right: int,
+             dilation: list[int]) -> torch.Tensor:
+    return _run("tpv", g, x, _band(left, right, dilation), x.shape[3], None)
+
+
+@band_qk.register_fake
+def _(q, k, left, right, dilation, padding):
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], left + right + 1)
+
+
+@band_pv.register_fake
+def _(p, v, left, right, dilation):
+    return v.new_empty(v.shape)
+
+
+@band_tpv.register_fake
+def _(g, x, left, right, dilation):
+    return x.new_empty(x.shape)
+
+
+def _setup(ctx, inputs, output):
+    a, b, left, right, dilation = inputs[:5]
+    ctx.save_for_backward(a, b)
+    ctx.band = (left, right, dilation)
+
+
+def _qk_backward(ctx, grad):
+    q, k = ctx.saved_tensors
+    left, right, dil = ctx.band
+    dq = band_pv(grad, k, left, right, dil) if ctx.needs_input_grad[0] else None
+    dk = band_tpv(grad, q, left, right, dil) if ctx.needs_input_grad[1] else None
+    return dq, dk, None, None, None, None
+
+
+def _pv_backward(ctx, grad):
+    p, v = ctx.saved_tensors
+    left, right, dil = ctx.band
+    dp = band_qk(grad, v, left, right, dil, 0.0) if ctx.needs_input_grad[0] else None
+    dv = band_tpv(p, grad, left, right, dil) if ctx.needs_input_grad[1] else None
+    return dp, dv, None, None, None
+
+
+def _tpv_backward(ctx, grad):
+    g, x = ctx.saved_tensors
+    left, right, dil = ctx.band
+    dg = band_qk(x, grad, left, right, dil, 0.0) if ctx.needs_input_grad[0] else None
+    dx = band_pv(g, grad, left, right, dil) if ctx.needs_input_grad[1] else None
+    return dg, dx, None, None, None
+
+
+band_qk.register_autograd(_qk_backward, setup_context=_setup)
+band_pv.register_autograd(_pv_backward, setup_context=_setup)
+band_tpv.register_autograd(_tpv_backward, setup_context=_setup)
