@@ -10,6 +10,7 @@ import os as _os
 
 from . import reference
 from ._loader import KernelIntegrityError, KernelNotAvailableError, backend_info
+from .attention import AttentionOutput, LongformerSelfAttention
 from .functional import diagonaled_mm, sliding_window_pv, sliding_window_pv_transposed, sliding_window_qk
 
 _level = _os.environ.get("LONGFORMER_TVM_LOG_LEVEL")
@@ -21,6 +22,8 @@ __all__ = [
     "sliding_window_qk",
     "sliding_window_pv",
     "sliding_window_pv_transposed",
+    "LongformerSelfAttention",
+    "AttentionOutput",
     "backend_info",
     "reference",
     "KernelNotAvailableError",
