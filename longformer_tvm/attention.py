@@ -231,28 +231,38 @@ class LongformerSelfAttention(nn.Module):
         if removed is not None:
             scores.masked_fill_(band_key_mask(removed, band), neg)
 
-        glob = None
+        glob, g_scores = None, None
         if is_global is not None:
             glob = GlobalIndex.from_mask(is_global)
             k_glob = glob.gather(k)  # (B, G, H, D): the global tokens' *local* keys
             g_scores = torch.einsum("bnhd,bghd->bnhg", q, k_glob)
             g_scores.masked_fill_(glob.key_mask(n, band.autoregressive).unsqueeze(2), neg)
-            scores = torch.cat((g_scores, scores), dim=-1)
-            del g_scores, k_glob
+            del k_glob
 
-        probs = torch.softmax(scores, dim=-1, dtype=_softmax_dtype(x.dtype))
-        del scores
-        if is_masked is not None:
-            probs = _masked_fill(probs, is_masked[:, :, None, None], 0.0)
-        probs = F.dropout(probs.to(x.dtype), p=self.dropout, training=self.training)
-
-        if glob is None:
-            out = functional.sliding_window_pv(probs, v, band.left, band.dilation, band.autoregressive)
+        rows_off = None if is_masked is None else is_masked[:, :, None, None]
+        if self._inplace_ok(x):
+            # Inference: softmax over [global columns | band] in place, no concatenated copy.
+            band_p, glob_p = _joint_softmax_(scores, g_scores)
+            if rows_off is not None:
+                band_p.masked_fill_(rows_off, 0.0)
+                if glob_p is not None:
+                    glob_p.masked_fill_(rows_off, 0.0)
+            probs = None
         else:
-            g = glob.count
-            out = functional.sliding_window_pv(probs[..., g:], v, band.left, band.dilation,
-                                               band.autoregressive)
-            out = out + torch.einsum("bnhg,bghd->bnhd", probs[..., :g], glob.gather(v))
+            # transformers' order: concatenate, float32 softmax, zero padding rows, cast, dropout.
+            if g_scores is not None:
+                scores = torch.cat((g_scores, scores), dim=-1)
+            probs = torch.softmax(scores, dim=-1, dtype=_softmax_dtype(x.dtype))
+            if rows_off is not None:
+                probs = _masked_fill(probs, rows_off, 0.0)
+            probs = F.dropout(probs.to(x.dtype), p=self.dropout, training=self.training)
+            g = 0 if glob is None else glob.count
+            band_p, glob_p = probs[..., g:], (probs[..., :g] if glob is not None else None)
+        del scores, g_scores
+
+        out = functional.sliding_window_pv(band_p, v, band.left, band.dilation, band.autoregressive)
+        if glob_p is not None:
+            out = out + torch.einsum("bnhg,bghd->bnhd", glob_p, glob.gather(v))
         out = out.reshape(bsz, n, self.embed_dim)
 
         global_probs = None
@@ -262,9 +272,16 @@ class LongformerSelfAttention(nn.Module):
 
         if not output_attentions:
             return AttentionOutput(out)
+        if probs is None:
+            probs = band_p if glob_p is None else torch.cat((glob_p, band_p), dim=-1)
         if glob is not None:
             probs = probs.masked_fill(is_global[:, :, None, None], 0.0)
         return AttentionOutput(out, probs, global_probs)
+
+    def _inplace_ok(self, x: torch.Tensor) -> bool:
+        """No autograd, a softmax dtype equal to x's, and no dropout: scores may be overwritten."""
+        return (not torch.is_grad_enabled() and x.dtype in (torch.float32, torch.float64)
+                and not (self.training and self.dropout > 0))
 
     def _global_rows(self, x: torch.Tensor, glob: GlobalIndex, is_masked: torch.Tensor | None):
         """Outputs (B, G, E) and probabilities (B, H, G, N) of the global queries over all keys."""
@@ -356,6 +373,24 @@ def _or(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     if a is None:
         return b
     return a if b is None else a | b
+
+
+def _joint_softmax_(band: torch.Tensor, cols: torch.Tensor | None):
+    """Softmax over the last dimension of ``cat((cols, band), -1)``, in place in both tensors.
+
+    Only without autograd. Returns ``(band, cols)``. Without global columns this is ATen's own
+    softmax kernel writing over its input (it finishes reading a row before writing it); with them,
+    max / exp / sum / scale done on each part.
+    """
+    if cols is None:
+        torch.ops.aten._softmax.out(band, -1, False, out=band)
+        return band, None
+    top = torch.maximum(band.amax(dim=-1, keepdim=True), cols.amax(dim=-1, keepdim=True))
+    band.sub_(top).exp_()
+    cols.sub_(top).exp_()
+    total = band.sum(dim=-1, keepdim=True).add_(cols.sum(dim=-1, keepdim=True))
+    scale = total.reciprocal_()
+    return band.mul_(scale), cols.mul_(scale)
 
 
 def _masked_fill(t: torch.Tensor, mask: torch.Tensor, value: float) -> torch.Tensor:
