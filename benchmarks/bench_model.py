@@ -1,0 +1,159 @@
+"""Whole-model benchmark: a base-size LongformerModel forward, transformers' attention vs ours.
+
+Each configuration runs in its own subprocess (same random weights, same input), so its peak
+resident memory is its own. Reported per configuration: median and best forward time, peak RSS
+during the timed forwards, and that peak minus the RSS right after building the model (the
+forward's working memory). Then the speed-up and memory ratio of ours over transformers'.
+
+    python benchmarks/bench_model.py                      # 12 layers, 4096 tokens, batch 1
+    python benchmarks/bench_model.py --layers 2 --repeat 1 --json out.json
+
+The attention FLOPs counted are the band products' (2 * B * N * H * C * D each for qk and pv, plus
+the global rows and columns); the projections and feed-forward layers are the same in both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+IMPLS = ("transformers", "longformer_tvm")
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM (Linux >= 4.0) so the peak measures the forwards, not the model build."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def worker(args) -> dict:
+    import torch
+    from transformers import LongformerConfig, LongformerModel
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    config = LongformerConfig(num_hidden_layers=args.layers, attention_window=args.attention_window,
+                              max_position_embeddings=args.seq_len + 2)
+    model = LongformerModel(config, add_pooling_layer=False).eval()
+    n, bsz = args.seq_len, args.batch
+    g = torch.Generator().manual_seed(args.seed)
+    inputs = dict(input_ids=torch.randint(5, config.vocab_size, (bsz, n), generator=g),
+                  attention_mask=torch.ones(bsz, n, dtype=torch.long),
+                  global_attention_mask=torch.zeros(bsz, n, dtype=torch.long))
+    inputs["global_attention_mask"][:, : args.globals] = 1
+    info = {}
+    if args.impl == "longformer_tvm":
+        import longformer_tvm
+        from longformer_tvm.hf import use_tvm_attention
+
+        use_tvm_attention(model)
+        info["backend"] = longformer_tvm.backend_info()["mode"]
+
+    with torch.inference_mode():
+        short = {k: v[:, : min(n, 2 * args.attention_window)] for k, v in inputs.items()}
+        model(**short)  # loads kernels, warms the allocator; small, so it does not set the peak
+        for _ in range(args.warmup):
+            model(**inputs)
+        baseline = _status_kib("VmRSS")
+        reset = _reset_peak_rss()
+        times = []
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            model(**inputs)
+            times.append(time.perf_counter() - start)
+    peak = _status_kib("VmHWM") if reset else None
+    if peak is None:  # no /proc: the lifetime peak, model build included
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if args.impl == "longformer_tvm":
+        import longformer_tvm
+
+        info["loaded"] = longformer_tvm.backend_info()["loaded"]
+    return dict(impl=args.impl, times=times, median_s=statistics.median(times), best_s=min(times),
+                rss_after_build_mib=(baseline or 0) / 1024, peak_rss_mib=peak / 1024,
+                forward_peak_mib=(peak - (baseline or 0)) / 1024 if reset else None,
+                peak_is_forward_only=reset, threads=torch.get_num_threads(), **info)
+
+
+def attention_gflop(args) -> float:
+    """Band products + global rows/columns of one forward (multiply-add = 2 FLOPs)."""
+    n, bsz, heads, d = args.seq_len, args.batch, 12, 64
+    c = args.attention_window + 1
+    band = 2 * 2 * bsz * n * heads * c * d  # qk and pv
+    glob = 2 * 2 * 2 * bsz * n * heads * args.globals * d  # global columns and global rows
+    return args.layers * (band + glob) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--attention-window", type=int, default=512, help="two-sided, as in transformers")
+    parser.add_argument("--globals", type=int, default=1, help="global tokens at the start (0 = none)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="full-length untimed forwards first")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        args.impl = args.worker
+        print(json.dumps(worker(args)))
+        return
+
+    results = {}
+    forwarded = [a for a in sys.argv[1:] if not a.startswith("--json")]
+    if args.json and args.json in forwarded:
+        forwarded.remove(args.json)
+    for impl in args.impls:
+        cmd = [sys.executable, os.path.abspath(__file__), *forwarded, "--worker", impl]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"{impl} run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    print(f"LongformerModel base size: {args.layers} layers, N={args.seq_len}, batch {args.batch}, "
+          f"attention_window {args.attention_window}, {args.globals} global token(s), forward only, "
+          f"{args.repeat} timed run(s)")
+    print(f"attention band products: {attention_gflop(args):.1f} GFLOP per forward")
+    print(f"{'attention':<16}{'median s':>10}{'best s':>10}{'peak RSS MiB':>14}{'forward MiB':>13}  notes")
+    for impl, r in results.items():
+        fwd = "n/a" if r["forward_peak_mib"] is None else f"{r['forward_peak_mib']:.0f}"
+        note = f"backend={r['backend']}" if "backend" in r else ""
+        print(f"{impl:<16}{r['median_s']:>10.2f}{r['best_s']:>10.2f}{r['peak_rss_mib']:>14.0f}{fwd:>13}  {note}")
+    if len(results) == 2:
+        hf, ours = results["transformers"], results["longformer_tvm"]
+        print(f"speed-up (transformers / longformer_tvm, median): {hf['median_s'] / ours['median_s']:.2f}x")
+        print(f"peak RSS ratio (longformer_tvm / transformers): {ours['peak_rss_mib'] / hf['peak_rss_mib']:.3f}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
