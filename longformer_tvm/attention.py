@@ -240,9 +240,12 @@ class LongformerSelfAttention(nn.Module):
             del k_glob
 
         rows_off = None if is_masked is None else is_masked[:, :, None, None]
+        band_scale = None
         if self._inplace_ok(x):
-            # Inference: softmax over [global columns | band] in place, no concatenated copy.
-            band_p, glob_p = _joint_softmax_(scores, g_scores)
+            # Inference: normalise the band scores in place; global columns enter as a per-row
+            # scale of the band (no concatenated copy, one (B, N, H, C) tensor alive).
+            keep = None if rows_off is None and is_global is None else ~_or(is_masked, is_global)
+            band_p, glob_p, band_scale = _softmax_inplace(scores, g_scores, band.left, keep)
             if rows_off is not None:
                 band_p.masked_fill_(rows_off, 0.0)
                 if glob_p is not None:
@@ -261,6 +264,8 @@ class LongformerSelfAttention(nn.Module):
         del scores, g_scores
 
         out = functional.sliding_window_pv(band_p, v, band.left, band.dilation, band.autoregressive)
+        if band_scale is not None:
+            out.mul_(band_scale)
         if glob_p is not None:
             out = out + torch.einsum("bnhg,bghd->bnhd", glob_p, glob.gather(v))
         out = out.reshape(bsz, n, self.embed_dim)
@@ -273,6 +278,8 @@ class LongformerSelfAttention(nn.Module):
         if not output_attentions:
             return AttentionOutput(out)
         if probs is None:
+            if band_scale is not None:
+                band_p = band_p * band_scale
             probs = band_p if glob_p is None else torch.cat((glob_p, band_p), dim=-1)
         if glob is not None:
             probs = probs.masked_fill(is_global[:, :, None, None], 0.0)
@@ -375,22 +382,39 @@ def _or(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return a if b is None else a | b
 
 
-def _joint_softmax_(band: torch.Tensor, cols: torch.Tensor | None):
-    """Softmax over the last dimension of ``cat((cols, band), -1)``, in place in both tensors.
+def _softmax_inplace(band: torch.Tensor, cols: torch.Tensor | None, self_col: int,
+                     keep: torch.Tensor | None):
+    """Softmax over the last dimension of ``cat((cols, band), -1)`` without building it. No autograd.
 
-    Only without autograd. Returns ``(band, cols)``. Without global columns this is ATen's own
-    softmax kernel writing over its input (it finishes reading a row before writing it); with them,
-    max / exp / sum / scale done on each part.
+    ``band`` (B, N, H, C) is overwritten with its own softmax ``p'`` (ATen's kernel writing over its
+    input: it reads a row before writing it). Without ``cols`` that is the answer. With ``cols``
+    (B, N, H, G) the joint softmax is ``band * scale`` and ``cols`` (overwritten), where
+    ``scale = exp(lse_band - lse_all)`` (B, N, H, 1) is returned, not applied: the caller folds it
+    into the (B, N, H, D) product. ``lse_band`` comes from the band maximum and the query's own
+    column ``self_col``: ``p'[self] = exp(s[self] - max) / Z``. Where that entry is too small to
+    be exact, ``Z = 1 / max(p')`` instead (one more pass). ``keep`` (B, N) marks the rows whose
+    result is used (others may hold anything finite).
+
+    Returns ``(band, cols, scale)``; ``cols`` and ``scale`` are None without global columns.
     """
     if cols is None:
         torch.ops.aten._softmax.out(band, -1, False, out=band)
-        return band, None
-    top = torch.maximum(band.amax(dim=-1, keepdim=True), cols.amax(dim=-1, keepdim=True))
-    band.sub_(top).exp_()
-    cols.sub_(top).exp_()
-    total = band.sum(dim=-1, keepdim=True).add_(cols.sum(dim=-1, keepdim=True))
-    scale = total.reciprocal_()
-    return band.mul_(scale), cols.mul_(scale)
+        return band, None, None
+    # The per-row statistics are (B, N, H, 1): computed in float64, they add no rounding of
+    # their own (a float32 log-sum-exp near 10 would carry an absolute error of 1e-6).
+    top = band.amax(dim=-1, keepdim=True).double()
+    gap = band[..., self_col: self_col + 1].double() - top  # <= 0; finite for the rows we keep
+    torch.ops.aten._softmax.out(band, -1, False, out=band)
+    used = torch.ones_like(gap, dtype=torch.bool) if keep is None else keep[:, :, None, None].expand_as(gap)
+    if bool((used & (gap < -60.0)).any()):
+        log_z = band.amax(dim=-1, keepdim=True).double().log_().neg_()
+    else:
+        log_z = gap - band[..., self_col: self_col + 1].double().log()
+    # Rows not used get log Z = 0: any finite value keeps everything below finite.
+    lse_band = top + torch.where(used, log_z, torch.zeros((), dtype=log_z.dtype))
+    lse_all = torch.logaddexp(lse_band, torch.logsumexp(cols.double(), dim=-1, keepdim=True))
+    cols.copy_((cols.double() - lse_all).exp_())
+    return band, cols, (lse_band - lse_all).exp_().to(band.dtype)
 
 
 def _masked_fill(t: torch.Tensor, mask: torch.Tensor, value: float) -> torch.Tensor:

@@ -298,3 +298,24 @@ def test_band_geometry_is_normalised_once():
     assert layer.band == normalize_band("x", 3, (2, 1), True, 2)
     assert (layer.window, layer.dilation, layer.autoregressive) == (3, (2, 1), True)
     assert "dilation=[2, 1]" in repr(layer)
+
+
+@pytest.mark.parametrize("boost", [1.0, 300.0], ids=["ordinary-logits", "extreme-logits"])
+def test_inference_path_equals_autograd_path(boost):
+    """Without autograd the scores are normalised in place (global columns as a per-row scale);
+    with it, transformers' concatenate-then-softmax. Both must give the same numbers, also when
+    a query's own score is far below its row's maximum (the in-place path's fallback)."""
+    case = Case("paths", 90, 3, 8, 6, dilation=(1, 2, 1), padding=True, globals_=((0, 45), (7,)))
+    x, mask, glob = make_inputs(case)
+    layer = make_layer(case).eval()
+    with torch.no_grad():
+        layer.query.weight.mul_(boost)
+        fast = layer(x, mask, glob, output_attentions=True)
+    slow = layer(x, mask, glob, output_attentions=True)
+    assert slow.output.requires_grad
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        ref64, _ = dense_reference(layer, x, mask, glob)
+        ref32, _ = dense_reference(layer, x, mask, glob, torch.float32)
+    check_close(fast.output, ref64, ref32, what="output")
