@@ -229,7 +229,7 @@ class LongformerSelfAttention(nn.Module):
             is_global = None
         removed = _or(is_masked, is_global)  # keys that leave the window: padding and global
         if removed is not None:
-            scores.masked_fill_(band_key_mask(removed, band), neg)
+            _remove_keys_(scores, removed, band, neg)
 
         glob, g_scores = None, None
         if is_global is not None:
@@ -357,6 +357,26 @@ class GlobalIndex:
 
     def nonzero_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._rows, self._slots
+
+
+def _remove_keys_(scores: torch.Tensor, removed: torch.Tensor, band: Band, value: float) -> None:
+    """Set ``scores[b, i, h, j] = value`` wherever the band key of (i, j, h) is flagged in removed (B, N).
+
+    A few flagged keys (a handful of global tokens) touch only ``count * C`` entries per head, so
+    they are written by index; many (long padding) take one masked pass over the scores.
+    """
+    bsz, n = removed.shape
+    rows, keys = removed.nonzero(as_tuple=True)
+    if 16 * keys.numel() > bsz * n:
+        scores.masked_fill_(band_key_mask(removed, band), value)
+        return
+    cols = torch.arange(band.columns, device=scores.device)
+    for h0, h1, d in band.head_runs():
+        query = keys.unsqueeze(1) - (cols - band.left).unsqueeze(0) * d  # (K, C): rows that see the key
+        ok = (query >= 0) & (query < n)
+        b_idx = rows.unsqueeze(1).expand_as(query)[ok]
+        j_idx = cols.unsqueeze(0).expand_as(query)[ok]
+        scores[:, :, h0:h1][b_idx, query[ok], :, j_idx] = value
 
 
 def band_key_mask(flags: torch.Tensor, band: Band) -> torch.Tensor:

@@ -44,6 +44,9 @@ CASES = [
     Case("ar-pad", 33, 2, 7, 3, autoregressive=True, padding=True),
     Case("ar-dil-per-head-global", 57, 4, 4, 4, dilation=(1, 3, 2, 4), autoregressive=True,
          padding=True, globals_=((0, 20), (10, 11, 12))),
+    # few global tokens, no padding: the removed keys are written by index, not by a masked pass
+    Case("sparse-globals", 200, 2, 4, 7, dilation=(1, 3), globals_=((0, 100, 199), (50,))),
+    Case("sparse-globals-ar", 160, 2, 4, 9, dilation=(2, 1), autoregressive=True, globals_=((3,), (80, 159))),
 ]
 
 
