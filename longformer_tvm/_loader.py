@@ -98,15 +98,20 @@ def installed_versions() -> dict[str, str]:
     return out
 
 
-def source_hash(root: Path = KERNEL_SOURCES) -> str | None:
-    """sha256 over the kernel definition sources (``tvm_kernels/**/*.py``), None without them."""
-    if not root.is_dir():
-        return None
+def source_hash(files: list[str]) -> str | None:
+    """sha256 over kernel definition sources (paths relative to the repository), None if absent.
+
+    Each manifest entry lists the sources its binary was compiled from, so an edit to the CPU
+    schedules leaves the CUDA libraries valid and vice versa.
+    """
     h = hashlib.sha256()
-    for p in sorted(root.rglob("*.py")):
-        h.update(p.relative_to(root).as_posix().encode())
+    for rel in sorted(files):
+        path = _REPO_DIR / rel
+        if not path.is_file():
+            return None
+        h.update(rel.encode())
         h.update(b"\0")
-        h.update(p.read_bytes())
+        h.update(path.read_bytes())
     return h.hexdigest()
 
 
@@ -190,6 +195,9 @@ class _Registry:
             raise KernelNotAvailableError(
                 "the TVM runtime library (libtvm_runtime.so from the apache-tvm wheel) is not "
                 "installed; install the pinned apache-tvm (pip install -e .)")
+        # TVM's CPU thread pool sizes itself from TVM_NUM_THREADS when first used (its own
+        # default is half the logical CPUs); follow torch's setting unless the user chose.
+        os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
         ctypes.CDLL(str(lib / "libtvm_runtime.so"), mode=os.RTLD_GLOBAL | os.RTLD_NOW)
         self._runtime_loaded = True
 
@@ -198,7 +206,6 @@ class _Registry:
         """Every manifest entry for (device, dtype) with the reason it is unusable ('' if usable)."""
         features = host_cpu_features()
         versions = installed_versions()
-        src = source_hash()
         out = []
         for directory in [*prebuilt_dirs(), cache_dir()]:
             for entry in read_manifest(directory):
@@ -214,7 +221,8 @@ class _Registry:
                               f"{versions['tvm_ffi'] or 'none'}")
                 elif info.get("tvm_version") != versions["tvm"]:
                     reason = f"built with TVM {info.get('tvm_version')}, installed {versions['tvm'] or 'none'}"
-                elif src is not None and info.get("source_hash") != src:
+                elif (KERNEL_SOURCES.is_dir() and info.get("sources")
+                      and source_hash(info["sources"]) not in (None, info.get("source_hash"))):
                     reason = "built from other tvm_kernels sources (stale: rebuild)"
                 elif not entry.path.is_file():
                     reason = f"file missing: {entry.path}"
@@ -229,22 +237,26 @@ class _Registry:
         usable.sort(key=lambda e: (rank.index(e.info.get("isa", "generic"))
                                    if e.info.get("isa") in rank else len(rank)))
         entry = usable[0]
-        digest = sha256_file(entry.path)
-        if digest != entry.info.get("sha256"):
-            raise KernelIntegrityError(
-                f"{entry.path}: sha256 {digest} does not match its manifest "
-                f"({entry.info.get('sha256')}); the file was modified or truncated. Delete it and "
-                f"run `python build_kernels.py build` to rebuild.")
-        self._load_runtime()
-        module = self._modules.get(entry.path)
-        if module is None:
-            import tvm_ffi
+        return entry, self.open(entry)
 
-            module = tvm_ffi.load_module(str(entry.path))
-            self._modules[entry.path] = module
-            logger.info("loaded %s (%s, %s)", entry.path, entry.info.get("isa"), dtype)
-        functions = {p: module[name] for p, name in entry.info["functions"].items()}
-        return entry, functions
+    def open(self, entry: LibraryEntry) -> dict:
+        """Verify ``entry``'s file against its sha256, load it once, return {product: function}."""
+        with self._lock:
+            module = self._modules.get(entry.path)
+            if module is None:
+                digest = sha256_file(entry.path)
+                if digest != entry.info.get("sha256"):
+                    raise KernelIntegrityError(
+                        f"{entry.path}: sha256 {digest} does not match its manifest "
+                        f"({entry.info.get('sha256')}); the file was modified or truncated. "
+                        f"Delete it and run `python build_kernels.py build` to rebuild.")
+                self._load_runtime()
+                import tvm_ffi
+
+                module = tvm_ffi.load_module(str(entry.path))
+                self._modules[entry.path] = module
+                logger.info("loaded %s (%s, %s)", entry.path, entry.info.get("isa"), entry.dtype)
+            return {p: module[name] for p, name in entry.info["functions"].items()}
 
     def _build(self, device: str, dtype: str) -> None:
         cmd = [sys.executable, str(BUILD_SCRIPT), "build", "--target", device, "--dtype", dtype,

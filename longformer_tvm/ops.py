@@ -33,6 +33,21 @@ def _prepare(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def apply_kernel(kernel, a: torch.Tensor, b: torch.Tensor, band: Band, out: torch.Tensor,
+                 padding: float | None) -> torch.Tensor:
+    """Call a compiled product into ``out``: one call per run of heads with equal dilation."""
+    n = a.shape[1]
+    a, b = _prepare(a), _prepare(b)
+    for h0, h1, d in band.head_runs():
+        d = min(d, n)  # beyond N every off-centre key is outside the sequence: same band
+        views = (a[:, :, h0:h1], b[:, :, h0:h1], out[:, :, h0:h1])
+        if padding is None:
+            kernel(*views, band.left, band.right, d)
+        else:
+            kernel(*views, band.left, band.right, d, padding)
+    return out
+
+
 def _run(product: str, a: torch.Tensor, b: torch.Tensor, band: Band, out_last: int,
          padding: float | None) -> torch.Tensor:
     bsz, n, heads, _ = a.shape
@@ -45,14 +60,7 @@ def _run(product: str, a: torch.Tensor, b: torch.Tensor, band: Band, out_last: i
         args = (a, b, band) if padding is None else (a, b, band, padding)
         out.copy_(fn[product](*args))
         return out
-    a, b = _prepare(a), _prepare(b)
-    for h0, h1, d in band.head_runs():
-        views = (a[:, :, h0:h1], b[:, :, h0:h1], out[:, :, h0:h1])
-        if padding is None:
-            kernel(*views, band.left, band.right, d)
-        else:
-            kernel(*views, band.left, band.right, d, padding)
-    return out
+    return apply_kernel(kernel, a, b, band, out, padding)
 
 
 @torch.library.custom_op(f"{_LIB}::band_qk", mutates_args=())

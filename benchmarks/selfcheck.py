@@ -1,0 +1,121 @@
+"""Every compiled library that runs on this machine, against the float64 reference.
+
+``python build_kernels.py selfcheck``: loads each library listed in the manifests (prebuilt/ and
+the user cache) whose target runs here, runs every product on a table of awkward cases (N = 1,
+lengths that are no multiple of anything, w * d >= N, per-head dilation, autoregressive, -inf
+padding) and compares with :mod:`longformer_tvm.reference` in float64. The tolerance is relative
+to what the dtype can do: at most 8x the error of the plain-PyTorch products computed in the same
+dtype. Prints a table; exits non-zero on any mismatch. Needs only the TVM runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import torch
+
+from longformer_tvm import _loader, ops, reference
+from longformer_tvm._checks import Band, normalize_band
+
+logger = logging.getLogger("selfcheck")
+
+#: (B, N, H, D, w, dilation, autoregressive)
+CASES = [
+    (1, 1, 1, 8, 0, 1, False),
+    (2, 37, 3, 16, 4, 1, False),
+    (1, 100, 2, 64, 7, 3, True),
+    (3, 7, 2, 8, 17, 2, False),
+    (1, 333, 4, 24, 17, [1, 2, 3, 1], False),
+    (2, 1024, 2, 64, 256, 1, False),
+    (1, 1024, 2, 64, 64, [2, 1], True),
+]
+QUICK = CASES[:5]
+
+
+def _inputs(case, dtype, device, seed=0):
+    b, n, h, d, w, dil, ar = case
+    band = normalize_band("selfcheck", w, dil, ar, h)
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda last: torch.randn(b, n, h, last, generator=g, dtype=torch.float64)  # noqa: E731
+    x, y, p = mk(d), mk(d), mk(band.columns)
+    return band, [t.to(device) for t in (x, y, p)]
+
+
+def _reference(product: str, a, b, band: Band, pad: float):
+    if product == "qk":
+        return reference.band_qk(a, b, band, pad)
+    if product == "pv":
+        return reference.band_pv(a, b, band)
+    return reference.band_pv_transposed(a, b, band)
+
+
+def check_functions(functions: dict, dtype: torch.dtype, device: str, cases=CASES) -> list[dict]:
+    """Run every product of one library over ``cases``; one result row per (case, product)."""
+    rows = []
+    for case in cases:
+        band, (x, y, p) = _inputs(case, dtype, device)
+        for product in ("qk", "pv", "tpv"):
+            a64, b64 = (x, y) if product == "qk" else (p, x)
+            pad = float("-inf") if product == "qk" else None
+            want = _reference(product, a64, b64, band, pad if pad is not None else 0.0)
+            a, b = a64.to(dtype), b64.to(dtype)
+            torch_err = (_reference(product, a, b, band, pad or 0.0).double() - want).abs()
+            out = torch.empty(want.shape, dtype=dtype, device=device)
+            t0 = time.perf_counter()
+            ops.apply_kernel(functions[product], a, b, band, out, pad)
+            ms = 1e3 * (time.perf_counter() - t0)
+            got = out.double()
+            finite = torch.isfinite(want)
+            same_inf = torch.equal(torch.isfinite(got), finite) and torch.equal(got[~finite], want[~finite])
+            err = (got[finite] - want[finite]).abs().max().item() if finite.any() else 0.0
+            tol = 8 * (torch_err[finite].max().item() if finite.any() else 0.0) + 1e-12
+            rows.append({"case": case, "product": product, "err": err, "tol": tol,
+                         "ok": bool(same_inf and err <= tol), "ms": ms})
+    return rows
+
+
+def usable_entries():
+    """(entry, reason) for every listed library; reason is '' when it runs here."""
+    reg = _loader.REGISTRY
+    out = []
+    for device, dtype in (("cpu", "float32"), ("cpu", "float64")):
+        out.extend(reg.candidates(device, dtype))
+    return out
+
+
+def main(args) -> int:
+    cases = QUICK if getattr(args, "quick", False) else CASES
+    failures = checked = 0
+    print(f"{'library':44s} {'product':8s} {'cases':>5s} {'max err':>10s} {'tolerance':>10s}  result")
+    for entry, reason in usable_entries():
+        name = f"{entry.path.parent.name}/{entry.path.name}"
+        if reason:
+            print(f"{name:44s} skipped: {reason}")
+            continue
+        try:
+            functions = _loader.REGISTRY.open(entry)
+        except Exception as exc:  # a library that does not load is a failure, not a crash
+            print(f"{name:44s} FAILED to load: {exc}")
+            failures += 1
+            continue
+        rows = check_functions(functions, getattr(torch, entry.dtype), entry.device, cases)
+        for product in ("qk", "pv", "tpv"):
+            mine = [r for r in rows if r["product"] == product]
+            bad = [r for r in mine if not r["ok"]]
+            worst = max(mine, key=lambda r: r["err"] / r["tol"])
+            print(f"{name:44s} {product:8s} {len(mine):5d} {worst['err']:10.2e} {worst['tol']:10.2e}  "
+                  f"{'ok' if not bad else 'MISMATCH ' + str([r['case'] for r in bad])}")
+            failures += bool(bad)
+        checked += 1
+    if not checked:
+        print("no library runs on this machine: build one with `python build_kernels.py build`")
+        return 1
+    print(f"selfcheck: {checked} libraries, {'all match' if not failures else f'{failures} FAILED'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(main(type("A", (), {"quick": "--quick" in sys.argv})()))

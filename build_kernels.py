@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""Build, tune, check and compare the longformer-tvm band kernels.
+
+    python build_kernels.py                 # the main job: make sure this machine has working
+                                            # kernels (build if needed), self-check, short comparison
+    python build_kernels.py build [--target cpu] [--isa host|all|avx512,avx2,generic]
+                                  [--dtype float32,float64] [--schedule tuned|hand|naive] [--out DIR]
+    python build_kernels.py tune --target cpu [--trials N] [--seed S] [--isa host] [--dtype float32]
+    python build_kernels.py compare [--quick] [--out benchmarks/out]
+    python build_kernels.py selfcheck
+
+Libraries go to prebuilt/ (default) with prebuilt/manifest.json; the package loads them from
+there or from the per-user cache. ``--schedule tuned`` replays the MetaSchedule database under
+prebuilt/tuning/ when it has a record for the (isa, dtype, product), else the hand schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+PREBUILT = REPO / "prebuilt"
+logger = logging.getLogger("build_kernels")
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _isas(spec: str) -> list[str]:
+    from tvm_kernels.targets import CPU_TARGETS, host_isa
+
+    if spec == "host":
+        return [host_isa()]
+    if spec == "all":
+        return list(CPU_TARGETS)
+    isas = _csv(spec)
+    unknown = [i for i in isas if i not in CPU_TARGETS]
+    if unknown:
+        raise SystemExit(f"--isa: unknown {unknown}; choose from host, all, {', '.join(CPU_TARGETS)}")
+    return isas
+
+
+def cmd_build(args) -> int:
+    if args.target == "cuda":
+        from tvm_kernels import cuda_build  # provided by the CUDA build module
+
+        return cuda_build.main(args)
+    from tvm_kernels import export, tune
+    from tvm_kernels.targets import CPU_DTYPES
+
+    dtypes = _csv(args.dtype) if args.dtype else list(CPU_DTYPES)
+    bad = [d for d in dtypes if d not in CPU_DTYPES]
+    if bad:
+        raise SystemExit(f"--dtype: the CPU kernels support {CPU_DTYPES}, got {bad}")
+    out = Path(args.out).resolve()
+    for isa in _isas(args.isa):
+        for dtype in dtypes:
+            t0 = time.perf_counter()
+            traces, name = {}, args.schedule
+            if args.schedule == "tuned":
+                traces = tune.load_traces(isa, dtype, REPO / "prebuilt" / "tuning")
+                name = "tuned" if traces else "hand"
+                if len(traces) < 3:
+                    name = f"tuned({','.join(sorted(traces))})+hand" if traces else "hand"
+            schedule = "naive" if args.schedule == "naive" else "hand"
+            entry = export.build_cpu(dtype, isa, out, schedule=schedule, traces=traces,
+                                     schedule_name=name)
+            logger.info("%-8s %-8s %-28s %5.1fs -> %s", isa, dtype, entry["schedule"],
+                        time.perf_counter() - t0, out / entry["file"])
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from tvm_kernels import tune
+
+    if args.target != "cpu":
+        raise SystemExit("tune --target cuda: run on a GPU machine with the CUDA build module")
+    for isa in _isas(args.isa):
+        for dtype in _csv(args.dtype):
+            tune.tune_cpu(isa, dtype, trials=args.trials, seed=args.seed,
+                          db_root=REPO / "prebuilt" / "tuning", products=_csv(args.products))
+    return 0
+
+
+def cmd_selfcheck(args) -> int:
+    from benchmarks import selfcheck
+
+    return selfcheck.main(args)
+
+
+def cmd_compare(args) -> int:
+    from benchmarks import compare
+
+    return compare.main(args)
+
+
+def cmd_main(args) -> int:
+    """Make sure this machine has kernels that load and agree with the reference, then compare."""
+    import longformer_tvm
+    from longformer_tvm import _loader
+
+    for dtype in ("float32", "float64"):
+        try:
+            _loader.REGISTRY.functions("cpu", dtype)
+        except _loader.KernelNotAvailableError as exc:
+            logger.warning("%s", exc)
+            args_b = argparse.Namespace(target="cpu", isa="host", dtype=dtype, schedule="tuned",
+                                        out=str(PREBUILT))
+            cmd_build(args_b)
+            _loader.REGISTRY.clear()
+    info = longformer_tvm.backend_info()
+    for key, path in info["loaded"].items():
+        logger.info("kernels for %s: %s", key, path)
+    rc = cmd_selfcheck(argparse.Namespace(quick=True))
+    if rc:
+        return rc
+    return cmd_compare(argparse.Namespace(quick=True, out=str(REPO / "benchmarks" / "out"), plot=False))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="cmd")
+    b = sub.add_parser("build", help="compile kernels into prebuilt/ (or --out)")
+    b.add_argument("--target", choices=["cpu", "cuda"], default="cpu")
+    b.add_argument("--isa", default="host", help="host, all, or a list of avx512,avx2,generic")
+    b.add_argument("--arch", default="auto", help="CUDA: auto or sm_80,sm_86,...")
+    b.add_argument("--dtype", default="", help="comma list; default: every dtype of the target")
+    b.add_argument("--schedule", choices=["tuned", "hand", "naive"], default="tuned")
+    b.add_argument("--out", default=str(PREBUILT))
+    t = sub.add_parser("tune", help="MetaSchedule over the schedule space; saves prebuilt/tuning/")
+    t.add_argument("--target", choices=["cpu", "cuda"], default="cpu")
+    t.add_argument("--isa", default="host")
+    t.add_argument("--dtype", default="float32")
+    t.add_argument("--products", default="qk,pv,tpv")
+    t.add_argument("--trials", type=int, default=16)
+    t.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("selfcheck", help="every library that runs here against the reference")
+    s.add_argument("--quick", action="store_true")
+    c = sub.add_parser("compare", help="time schedules and baselines; table + plot")
+    c.add_argument("--quick", action="store_true", help="one shape, no plot (used by the main job)")
+    c.add_argument("--out", default=str(REPO / "benchmarks" / "out"))
+    c.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    sys.path.insert(0, str(REPO))
+    handlers = {"build": cmd_build, "tune": cmd_tune, "selfcheck": cmd_selfcheck,
+                "compare": cmd_compare, None: cmd_main}
+    return handlers[args.cmd](args)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TVM_LOG_DEBUG", "0")
+    sys.exit(main())

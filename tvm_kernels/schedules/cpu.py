@@ -1,0 +1,102 @@
+"""CPU schedules for the band products: the hand schedules, and the same schedules as a tuning space.
+
+Every schedule function takes a :class:`tvm.s_tir.Schedule` holding one product and a ``knobs``
+mapping. A knob is either a fixed value (hand schedule) or ``None``, in which case the function
+samples it with ``sch.sample_categorical`` from :data:`SPACE` -- that is the MetaSchedule tuning
+space, and the decisions land in the trace that the tuning database stores, so ``build`` replays a
+tuned schedule exactly. Knob values do not depend on shapes, so a trace found at one shape applies
+to the symbolic function.
+
+Knobs (tiled formulation, see :mod:`tvm_kernels.tiled`):
+
+* ``rows``: tile rows per microkernel pass (register block height);
+* ``panels`` (QK): key panels of ``V`` lanes per pass (register block width = panels * V);
+* ``vecs`` (PV): head-dim vectors per pass.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir
+
+#: Candidate values per knob and product. ``rows`` must divide the tile height TT = V * TM.
+SPACE = {
+    "qk": {"rows": [4, 8, 16], "panels": [1, 2]},
+    "pv": {"rows": [4, 8, 16], "vecs": [1, 2]},
+    "tpv": {"rows": [4, 8, 16], "vecs": [1, 2]},
+}
+
+#: The hand schedules: what we measured best on AVX-512 and AVX2 by hand (see benchmarks/RESULTS.md).
+HAND = {
+    "qk": {"rows": 8, "panels": 2},
+    "pv": {"rows": 8, "vecs": 2},
+    "tpv": {"rows": 8, "vecs": 2},
+}
+
+
+def _knob(sch: s_tir.Schedule, product: str, knobs: dict, name: str):
+    value = knobs.get(name)
+    if value is not None:
+        return value
+    cands = SPACE[product][name]
+    return sch.sample_categorical(candidates=cands, probs=[1.0 / len(cands)] * len(cands))
+
+
+def schedule_qk(sch: s_tir.Schedule, knobs: dict) -> None:
+    """Parallel over tiles; the S block becomes a rows x (panels*V) register-blocked GEMM."""
+    s_blk, pack_blk = sch.get_sblock("S"), sch.get_sblock("pack")
+    tiles = sch.fuse(*sch.get_loops(sch.get_sblock("S_tile")))
+    ii, qo, qi, k = sch.get_loops(s_blk)
+    qoo, qoi = sch.split(qo, [None, _knob(sch, "qk", knobs, "panels")])
+    iio, iii = sch.split(ii, [None, _knob(sch, "qk", knobs, "rows")])
+    sch.reorder(qoo, iio, k, iii, qoi, qi)
+    acc = sch.cache_write(s_blk, 0, "local")
+    sch.reverse_compute_at(acc, iio)
+    sch.vectorize(qi)
+    sch.unroll(qoi)
+    sch.unroll(iii)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    sch.parallel(tiles)
+    init = sch.decompose_reduction(s_blk, k)
+    sch.vectorize(sch.get_loops(init)[-1])
+    # the band read-off is a unit-stride row copy (LLVM vectorises it); interior panels pack
+    # with one vector gather per (panel, k)
+    sch.parallel(sch.fuse(*sch.get_loops(pack_blk)[:3]))
+    sch.vectorize(sch.get_loops(pack_blk)[-1])
+
+
+def schedule_pv(sch: s_tir.Schedule, knobs: dict, v: int, transposed: bool = False) -> None:
+    """Parallel over tiles; the acc block becomes a rows x (vecs*V) register-blocked GEMM."""
+    acc_blk, pack_blk = sch.get_sblock("acc"), sch.get_sblock("pack")
+    tiles = sch.fuse(*sch.get_loops(sch.get_sblock("acc_tile")))
+    ii, k, q = sch.get_loops(acc_blk)
+    product = "tpv" if transposed else "pv"
+    ko, kv, kl = sch.split(k, [None, _knob(sch, product, knobs, "vecs"), v])
+    iio, iii = sch.split(ii, [None, _knob(sch, product, knobs, "rows")])
+    sch.reorder(ko, iio, q, iii, kv, kl)
+    acc = sch.cache_write(acc_blk, 0, "local")
+    sch.reverse_compute_at(acc, iio)
+    sch.vectorize(kl)
+    sch.unroll(kv)
+    sch.unroll(iii)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    sch.parallel(tiles)
+    init = sch.decompose_reduction(acc_blk, q)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if transposed:  # full slab rows are one tt-wide copy each
+        sch.vectorize(sch.get_loops(sch.get_sblock("shear"))[-1])
+    sch.parallel(sch.fuse(*sch.get_loops(pack_blk)[:3]))
+
+
+def schedule_tiled(sch: s_tir.Schedule, product: str, knobs: dict, v: int) -> None:
+    """``product``: qk, pv or tpv (tpv takes the pv knobs)."""
+    if product == "qk":
+        schedule_qk(sch, knobs)
+    else:
+        schedule_pv(sch, knobs, v, transposed=product == "tpv")
+
+
+def schedule_naive(sch: s_tir.Schedule) -> None:
+    """The paper's formulation, parallel over rows: the baseline the tiled schedules are compared with."""
+    block = sch.get_sblock("band")
+    loops = sch.get_loops(block)
+    sch.parallel(sch.fuse(*loops[:2]))

@@ -1,0 +1,114 @@
+"""CUDA schedules for the thread-block form of the band products (:mod:`tvm_kernels.cuda_kernels`).
+
+The definitions already say what one thread block computes (a tile of one residue) and what it
+stages in shared memory; a schedule maps that onto threads:
+
+* the tile loops (b, h, r, tile, chunk) fuse into ``blockIdx.x``;
+* a ``TY x TX`` thread grid owns the tile's ``TM x TJ`` (QK) or ``TM x TD`` (PV) outputs; each thread
+  accumulates an ``(TM/TY) x (TJ/TX)`` register block. Its columns are interleaved
+  (``jj = b*TX + tx``) so that the threads of a warp read consecutive slab rows -- the slab
+  buffers are padded by one element per row (``storage_align``), which makes those reads
+  conflict-free in shared memory;
+* the staging loops (global -> shared) are spread over all ``TY*TX`` threads with the head column
+  innermost, so a warp's loads are contiguous in global memory.
+
+Knobs: ``ty``/``tx`` (thread grid) and ``unroll`` (explicit unroll of the reduction step).
+A knob set to ``None`` is sampled from :data:`SPACE` with ``sample_categorical``: that is the
+MetaSchedule design space, and the decisions are what a tuning record stores. The tile sizes
+(:data:`TILES`) are structural -- part of the function -- and are chosen offline
+(``build_kernels.py tune --target cuda --offline``).
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir
+
+from ..cuda_kernels import Tiles
+
+#: Tile sizes per product kind and dtype width (bytes); see cuda_kernels.Tiles.
+TILES = {
+    ("qk", 4): Tiles(tm=64, tj=64, kd=16),
+    ("qk", 2): Tiles(tm=64, tj=64, kd=32),
+    ("pv", 4): Tiles(tm=64, tj=16, kd=64),
+    ("pv", 2): Tiles(tm=64, tj=32, kd=64),
+}
+
+#: Candidate knob values. The thread grid (TY, TX) must divide (TM, TJ) (QK) or (TM, TD) (PV).
+SPACE = {
+    "qk": {"ty": [8, 16], "tx": [8, 16], "unroll": [1, 4, 8]},
+    "pv": {"ty": [8, 16], "tx": [8, 16], "unroll": [1, 4, 8]},
+}
+
+#: The hand schedules: 256 threads, 4x4 outputs each, the reduction step unrolled by 4.
+HAND = {
+    "qk": {"ty": 16, "tx": 16, "unroll": 4},
+    "pv": {"ty": 16, "tx": 16, "unroll": 4},
+}
+
+
+def _knob(sch: s_tir.Schedule, kind: str, knobs: dict, name: str):
+    """A knob: its fixed value, or a sampled ExprRV (so a tuning trace replays the decision)."""
+    value = knobs.get(name)
+    if value is not None:
+        return value
+    cands = SPACE[kind][name]
+    return sch.sample_categorical(candidates=cands, probs=[1.0 / len(cands)] * len(cands))
+
+
+def _spread(sch: s_tir.Schedule, block, ty, tx) -> None:
+    """Staging copy: its two inner loops over the TY x TX threads, head column innermost."""
+    loops = sch.get_loops(block)
+    fused = sch.fuse(*loops[-2:])
+    _, y, x = sch.split(fused, [None, ty, tx])
+    sch.bind(y, "threadIdx.y")
+    sch.bind(x, "threadIdx.x")
+
+
+def _register_tile(sch: s_tir.Schedule, block, ty, tx, reduction: bool, unroll=None) -> None:
+    """(ii, jj[, k]) -> (ty, tx[, k], a, b): thread (ty, tx) owns rows ty*RM + a, columns tx*RJ + b.
+
+    Each thread's block of the accumulator is contiguous, so the local buffer compacts to RM x RJ
+    registers.
+    """
+    loops = sch.get_loops(block)
+    n = 3 if reduction else 2
+    ii, jj = loops[-n], loops[-n + 1]
+    y, a = sch.split(ii, [ty, None])
+    x, b = sch.split(jj, [tx, None])
+    if reduction:
+        k = loops[-1]
+        ko, ki = sch.split(k, [None, unroll])
+        sch.reorder(y, x, ko, ki, a, b)
+        sch.unroll(ki)
+    else:
+        sch.reorder(y, x, a, b)
+    sch.unroll(a)
+    sch.unroll(b)
+    sch.bind(y, "threadIdx.y")
+    sch.bind(x, "threadIdx.x")
+
+
+def _common(sch: s_tir.Schedule, kind: str, knobs: dict, loads, compute: str) -> None:
+    ty = _knob(sch, kind, knobs, "ty")
+    tx = _knob(sch, kind, knobs, "tx")
+    unroll = _knob(sch, kind, knobs, "unroll")
+    tile = sch.get_sblock("tile")
+    sch.bind(sch.fuse(*sch.get_loops(tile)), "blockIdx.x")
+    for name in loads:
+        block = sch.get_sblock(name)
+        _spread(sch, block, ty, tx)
+        # one element of padding per row: a warp reading down a column hits distinct banks
+        sch.storage_align(block, 0, axis=0, factor=32, offset=1)
+    block = sch.get_sblock(compute)
+    init = sch.decompose_reduction(block, sch.get_loops(block)[1])  # before the chunk loop
+    _register_tile(sch, init, ty, tx, False)
+    _register_tile(sch, block, ty, tx, True, unroll)
+    _register_tile(sch, sch.get_sblock("out"), ty, tx, False)
+
+
+def schedule(sch: s_tir.Schedule, kind: str, knobs: dict) -> None:
+    """Schedule one product (``kind`` "qk", or "pv" for both PV and its adjoint) in place."""
+    if kind == "qk":
+        _common(sch, "qk", knobs, ("load_q", "load_k"), "S")
+    else:
+        _common(sch, "pv", knobs, ("load_a", "load_v"), "acc")

@@ -1,0 +1,324 @@
+"""The tiled formulation of the band products (TIR): each tile of rows is a small dense GEMM.
+
+:mod:`tvm_kernels.band` states the products as the paper did, one output element at a time with a
+bounds check inside the reduction. That form cannot be vectorised well. Here the same products
+are restated so that the inner loops are branch-free dense GEMMs:
+
+* **Residue layout.** With dilation ``d``, query row ``i = m*d + r`` only ever meets keys of the
+  same residue ``r``. Rows are grouped by residue, so inside a residue the band is undilated.
+* **Tiles.** ``TT`` consecutive rows of a residue (a tile) need keys from one contiguous slab of
+  ``TT + left + right`` rows. The tile's product with the slab is a dense GEMM (about
+  ``TT / (left + right + 1)`` extra work); the band is read off the tile's diagonals.
+* **Packing.** The slab operand is copied once into a zero-padded buffer (``pack``), so reads past
+  either end of the sequence are zeros and the reduction needs no bounds check. For QK the keys
+  are packed in panels of ``V`` (the vector width) with the head dimension outside, so one vector
+  load reads ``V`` consecutive keys.
+* **Ranges, not masks.** Where only part of a row is valid (the band's ends, the sequence's ends),
+  the loop bounds are computed per row, so every inner loop is a plain copy or a plain fill.
+
+Every function takes strided tensors (any strides, unit last stride) with symbolic B, N, H, D and
+scalar window extents ``left``/``right`` (C = left + right + 1) and dilation ``d``; one compiled
+library serves every shape. Sizes, strides and indices are 64-bit. QK writes ``pad`` where the key
+falls outside the sequence. Signatures (``V``, ``TM`` are build-time constants; ``TT = V * TM``)::
+
+    band_qk (q, k, out[B,N,H,C], left, right, d, pad)
+    band_pv (p[B,N,H,C], v, out[B,N,H,D], left, right, d)
+    band_pv_transposed (g[B,N,H,C], x, out[B,N,H,D], left, right, d)
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+#: Slab panels are rounded up to a multiple of this many panels (the QK microkernel may take 1 or 2).
+QK_PANEL_ROUND = 2
+#: Packed head dimension is rounded up to a multiple of this many vectors (PV microkernel width).
+PV_VEC_ROUND = 2
+
+
+def ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+def clamp(x, lo, hi):
+    return T.max(T.min(x, hi), lo)
+
+
+def rows_in_residue(n, d, r):
+    """Rows i < n with i % d == r."""
+    return T.max(n - r + d - 1, 0) // d
+
+
+def tiles_per_residue(n, d, tt):
+    return ceil_div(ceil_div(n, d), tt)
+
+
+def qk_slab_panels(left, right, tt, v):
+    return ceil_div(tt + left + right, v * QK_PANEL_ROUND) * QK_PANEL_ROUND
+
+
+def packed_width(dim, v):
+    return ceil_div(dim, v * PV_VEC_ROUND) * (v * PV_VEC_ROUND)
+
+
+def _strided(handle, shape, dtype, strides):
+    return T.match_buffer(handle, shape, dtype, strides=strides, align=4, offset_factor=1)
+
+
+def make_qk(dtype: str, v: int, tm: int = 1):
+    """Banded Q K^T. ``v``: vector lanes (panel width); ``tm``: tile rows in units of v."""
+    tt = v * tm
+    zero = T.cast(0, dtype)
+
+    def n_panels(N, d, left, right):
+        return tiles_per_residue(N, d, tt) * tm + qk_slab_panels(left, right, tt, v)
+
+    def key_lo(left):  # first packed position holding a key (position p*v + pi = key + left)
+        return left
+
+    def key_hi(N, d, r, left):
+        return left + rows_in_residue(N, d, r)
+
+    def full_lo(left):  # first panel whose v positions all hold keys
+        return ceil_div(key_lo(left), v)
+
+    def full_hi(N, d, r, left):  # end of the panels whose v positions all hold keys
+        return T.max(key_hi(N, d, r, left) // v, full_lo(left))
+
+    def band_lo(left, C, mrow):  # first valid column of residue row mrow
+        return clamp(left - mrow, 0, C)
+
+    def band_hi(N, d, r, left, C, mrow):
+        return clamp(rows_in_residue(N, d, r) - mrow + left, band_lo(left, C, mrow), C)
+
+    @T.prim_func(s_tir=True)
+    def band_qk(q_h: T.handle, k_h: T.handle, o_h: T.handle, left: T.int64, right: T.int64,
+                d: T.int64, pad: T.float64):
+        T.func_attr({"tirx.noalias": True})
+        B, N, H, D, C = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        sq0, sq1, sq2 = T.int64(), T.int64(), T.int64()
+        sk0, sk1, sk2 = T.int64(), T.int64(), T.int64()
+        so0, so1, so2 = T.int64(), T.int64(), T.int64()
+        Q = _strided(q_h, (B, N, H, D), dtype, (sq0, sq1, sq2, T.int64(1)))
+        K = _strided(k_h, (B, N, H, D), dtype, (sk0, sk1, sk2, T.int64(1)))
+        O = _strided(o_h, (B, N, H, C), dtype, (so0, so1, so2, T.int64(1)))
+        KP = T.sblock_alloc_buffer((B, H, d, n_panels(N, d, left, right), D, v), dtype)
+        S = T.sblock_alloc_buffer(
+            (B, H, d, tiles_per_residue(N, d, tt), tt, qk_slab_panels(left, right, tt, v), v), dtype)
+        # pack: position pp = key + left is panel pp // v, lane pp % v: KP[b,h,r, p, k, pi].
+        # Panels entirely inside the sequence are plain gathers; the few others are masked.
+        for b, h, r in T.grid(B, H, d):
+            for p, k, pi in T.grid(full_lo(left), D, v):
+                with T.sblock("pack_lo"):
+                    vb, vh, vr, vp, vk, vpi = T.axis.remap("SSSSSS", [b, h, r, p, k, pi])
+                    KP[vb, vh, vr, vp, vk, vpi] = T.if_then_else(
+                        vp * v + vpi >= key_lo(left) and vp * v + vpi < key_hi(N, d, vr, left),
+                        K[vb, clamp((vp * v + vpi - left) * d + vr, 0, N - 1), vh, vk], zero)
+            for p, k, pi in T.grid(full_hi(N, d, r, left) - full_lo(left), D, v):
+                with T.sblock("pack"):
+                    vb, vh, vr = T.axis.remap("SSS", [b, h, r])
+                    vp = T.axis.spatial(n_panels(N, d, left, right), full_lo(left) + p)
+                    vk, vpi = T.axis.remap("SS", [k, pi])
+                    KP[vb, vh, vr, vp, vk, vpi] = K[vb, (vp * v + vpi - left) * d + vr, vh, vk]
+            for p, k, pi in T.grid(n_panels(N, d, left, right) - full_hi(N, d, r, left), D, v):
+                with T.sblock("pack_hi"):
+                    vb, vh, vr = T.axis.remap("SSS", [b, h, r])
+                    vp = T.axis.spatial(n_panels(N, d, left, right), full_hi(N, d, r, left) + p)
+                    vk, vpi = T.axis.remap("SS", [k, pi])
+                    KP[vb, vh, vr, vp, vk, vpi] = T.if_then_else(
+                        vp * v + vpi >= key_lo(left) and vp * v + vpi < key_hi(N, d, vr, left),
+                        K[vb, clamp((vp * v + vpi - left) * d + vr, 0, N - 1), vh, vk], zero)
+        for b, h, blk, r in T.grid(B, H, tiles_per_residue(N, d, tt), d):
+            with T.sblock("S_tile"):  # its own scope, so the GEMM can be scheduled alone
+                for ii, qo, qi, k in T.grid(tt, qk_slab_panels(left, right, tt, v), v, D):
+                    with T.sblock("S"):
+                        vb, vh, vr, vblk, vii, vqo, vqi, vk = T.axis.remap(
+                            "SSSSSSSR", [b, h, r, blk, ii, qo, qi, k])
+                        with T.init():
+                            S[vb, vh, vr, vblk, vii, vqo, vqi] = zero
+                        S[vb, vh, vr, vblk, vii, vqo, vqi] = (
+                            S[vb, vh, vr, vblk, vii, vqo, vqi]
+                            + Q[vb, T.min((vblk * tt + vii) * d + vr, N - 1), vh, vk]
+                            * KP[vb, vh, vr, vblk * tm + vqo, vk, vqi])
+            for ii in range(tt):
+                for j in range(band_lo(left, C, blk * tt + ii)):
+                    with T.sblock("out_lo"):
+                        vb, vh, vr, vblk, vii, vj = T.axis.remap("SSSSSS", [b, h, r, blk, ii, j])
+                        T.where((blk * tt + ii) * d + r < N)
+                        O[vb, (vblk * tt + vii) * d + vr, vh, vj] = T.cast(pad, dtype)
+                for j in range(band_hi(N, d, r, left, C, blk * tt + ii) - band_lo(left, C, blk * tt + ii)):
+                    with T.sblock("out"):
+                        vb, vh, vr, vblk, vii = T.axis.remap("SSSSS", [b, h, r, blk, ii])
+                        vj = T.axis.spatial(C, band_lo(left, C, blk * tt + ii) + j)
+                        T.where((blk * tt + ii) * d + r < N)
+                        O[vb, (vblk * tt + vii) * d + vr, vh, vj] = S[
+                            vb, vh, vr, vblk, vii, (vii + vj) // v, (vii + vj) % v]
+                for j in range(C - band_hi(N, d, r, left, C, blk * tt + ii)):
+                    with T.sblock("out_hi"):
+                        vb, vh, vr, vblk, vii = T.axis.remap("SSSSS", [b, h, r, blk, ii])
+                        vj = T.axis.spatial(C, band_hi(N, d, r, left, C, blk * tt + ii) + j)
+                        T.where((blk * tt + ii) * d + r < N)
+                        O[vb, (vblk * tt + vii) * d + vr, vh, vj] = T.cast(pad, dtype)
+
+    return band_qk.with_attr("global_symbol", "band_qk")
+
+
+def make_pv(dtype: str, v: int, tm: int = 1, transposed: bool = False):
+    """Banded P V, or (``transposed``) its adjoint in P. The reduction runs over the tile's slab.
+
+    Slab row q of tile ``blk`` (residue position ``blk*TT + q - lead``) is the key (PV,
+    lead = left) or the query row (transposed, lead = right). The sheared operand ``PS`` holds, for
+    tile row ii and slab row q, ``P[row ii, q - ii]`` (PV; layout [ii, q], so a row copies from
+    one P row) or ``G[slab row q, left + right + ii - q]`` (transposed; layout [q, ii], so a slab
+    row copies from one G row), zero elsewhere.
+    """
+    tt = v * tm
+    zero = T.cast(0, dtype)
+    name = "band_pv_transposed" if transposed else "band_pv"
+
+    def lead(left, right):
+        return right if transposed else left
+
+    def slab(left, right):
+        return tt + left + right
+
+    def total_rows(N, d, left, right):
+        return tiles_per_residue(N, d, tt) * tt + left + right
+
+    def src_lo(left, right, blk):  # slab rows q whose residue position is >= 0
+        return clamp(lead(left, right) - blk * tt, 0, slab(left, right))
+
+    def src_hi(N, d, r, left, right, blk):
+        return clamp(rows_in_residue(N, d, r) + lead(left, right) - blk * tt,
+                     src_lo(left, right, blk), slab(left, right))
+
+    # PV: row ii of PS is valid on q in [ii, ii + C) intersected with [src_lo, src_hi); the P row
+    # (the tile's row) must exist. Transposed: slab row q is valid on ii in [q - left - right, q],
+    # intersected with [0, tt), when q is in [src_lo, src_hi).
+    def inner_lo(N, d, r, left, right, blk, outer):
+        if transposed:
+            return clamp(outer - left - right, 0, tt)
+        return clamp(T.max(outer, src_lo(left, right, blk)), 0, slab(left, right))
+
+    def inner_hi(N, d, r, left, right, C, blk, outer):
+        if transposed:
+            ok = T.Cast("int64", outer >= src_lo(left, right, blk)) * T.Cast(
+                "int64", outer < src_hi(N, d, r, left, right, blk))
+            return clamp((outer + 1) * ok, inner_lo(N, d, r, left, right, blk, outer), tt)
+        ok = T.Cast("int64", (blk * tt + outer) * d + r < N)
+        return clamp(T.min(outer + C, src_hi(N, d, r, left, right, blk)) * ok,
+                     inner_lo(N, d, r, left, right, blk, outer), slab(left, right))
+
+    def full_row(N, d, r, left, right, blk, q):  # transposed: all tt entries of slab row q valid
+        return tirx.all(q >= tt - 1, q <= left + right, q >= src_lo(left, right, blk),
+                        q < src_hi(N, d, r, left, right, blk))
+
+    def outer_extent(left, right):
+        return slab(left, right) if transposed else tt
+
+    def inner_extent(left, right):
+        return tt if transposed else slab(left, right)
+
+    def p_row(blk, outer, inner, left, right):  # residue position of the P row read
+        return blk * tt + outer - right if transposed else blk * tt + outer
+
+    def p_col(outer, inner, left, right):
+        return left + right + inner - outer if transposed else inner - outer
+
+    def ps_first(ii, q):  # PS is indexed [ii, q] (PV) or [q, ii] (transposed)
+        return q if transposed else ii
+
+    def ps_second(ii, q):
+        return ii if transposed else q
+
+    @T.prim_func(s_tir=True)
+    def band_pv(p_h: T.handle, v_h: T.handle, o_h: T.handle, left: T.int64, right: T.int64,
+                d: T.int64):
+        T.func_attr({"tirx.noalias": True})
+        B, N, H, D, C = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        sp0, sp1, sp2 = T.int64(), T.int64(), T.int64()
+        sv0, sv1, sv2 = T.int64(), T.int64(), T.int64()
+        so0, so1, so2 = T.int64(), T.int64(), T.int64()
+        P = _strided(p_h, (B, N, H, C), dtype, (sp0, sp1, sp2, T.int64(1)))
+        Vt = _strided(v_h, (B, N, H, D), dtype, (sv0, sv1, sv2, T.int64(1)))
+        O = _strided(o_h, (B, N, H, D), dtype, (so0, so1, so2, T.int64(1)))
+        VP = T.sblock_alloc_buffer((B, H, d, total_rows(N, d, left, right), packed_width(D, v)), dtype)
+        PS = T.sblock_alloc_buffer(
+            (B, H, d, tiles_per_residue(N, d, tt), outer_extent(left, right), inner_extent(left, right)),
+            dtype)
+        OT = T.sblock_alloc_buffer((B, H, d, tiles_per_residue(N, d, tt), tt, packed_width(D, v)), dtype)
+        for b, h, r in T.grid(B, H, d):
+            for m in range(total_rows(N, d, left, right)):
+                for k in range(packed_width(D, v)):
+                    with T.sblock("pack_zero"):
+                        vb, vh, vr, vm, vk = T.axis.remap("SSSSS", [b, h, r, m, k])
+                        T.where(m < lead(left, right)
+                                or m >= lead(left, right) + rows_in_residue(N, d, r) or k >= D)
+                        VP[vb, vh, vr, vm, vk] = zero
+                for k in range(D):
+                    with T.sblock("pack"):
+                        vb, vh, vr, vm, vk = T.axis.remap("SSSSS", [b, h, r, m, k])
+                        T.where(m >= lead(left, right)
+                                and m < lead(left, right) + rows_in_residue(N, d, r))
+                        VP[vb, vh, vr, vm, vk] = Vt[vb, (vm - lead(left, right)) * d + vr, vh, vk]
+        for b, h, blk, r in T.grid(B, H, tiles_per_residue(N, d, tt), d):
+            if transposed:
+                # a slab row copies tt consecutive G entries; only the first and last tt - 1
+                # slab rows (and rows outside the sequence) are partial
+                for o, i in T.grid(slab(left, right), T.int64(tt)):
+                    with T.sblock("shear_edge"):
+                        vb, vh, vr, vblk, vo, vi = T.axis.remap("SSSSSS", [b, h, r, blk, o, i])
+                        T.where(tirx.Not(full_row(N, d, r, left, right, blk, o)))
+                        PS[vb, vh, vr, vblk, vo, vi] = T.if_then_else(
+                            vi >= inner_lo(N, d, vr, left, right, vblk, vo)
+                            and vi < inner_hi(N, d, vr, left, right, C, vblk, vo),
+                            P[vb, clamp(p_row(vblk, vo, vi, left, right) * d + vr, 0, N - 1), vh,
+                              clamp(p_col(vo, vi, left, right), 0, C - 1)], zero)
+                for o, i in T.grid(slab(left, right), T.int64(tt)):
+                    with T.sblock("shear"):
+                        vb, vh, vr, vblk, vo, vi = T.axis.remap("SSSSSS", [b, h, r, blk, o, i])
+                        T.where(full_row(N, d, r, left, right, blk, o))
+                        PS[vb, vh, vr, vblk, vo, vi] = P[
+                            vb, p_row(vblk, vo, vi, left, right) * d + vr, vh,
+                            p_col(vo, vi, left, right)]
+            else:
+                # a tile row copies one long run of its P row; zeros before and after it
+                for o in range(tt):
+                    for i in range(inner_lo(N, d, r, left, right, blk, o)):
+                        with T.sblock("shear_lo"):
+                            vb, vh, vr, vblk, vo, vi = T.axis.remap("SSSSSS", [b, h, r, blk, o, i])
+                            PS[vb, vh, vr, vblk, vo, vi] = zero
+                    for i in range(inner_hi(N, d, r, left, right, C, blk, o)
+                                   - inner_lo(N, d, r, left, right, blk, o)):
+                        with T.sblock("shear"):
+                            vb, vh, vr, vblk, vo = T.axis.remap("SSSSS", [b, h, r, blk, o])
+                            vi = T.axis.spatial(slab(left, right),
+                                                inner_lo(N, d, r, left, right, blk, o) + i)
+                            PS[vb, vh, vr, vblk, vo, vi] = P[
+                                vb, p_row(vblk, vo, vi, left, right) * d + vr, vh,
+                                p_col(vo, vi, left, right)]
+                    for i in range(slab(left, right) - inner_hi(N, d, r, left, right, C, blk, o)):
+                        with T.sblock("shear_hi"):
+                            vb, vh, vr, vblk, vo = T.axis.remap("SSSSS", [b, h, r, blk, o])
+                            vi = T.axis.spatial(slab(left, right),
+                                                inner_hi(N, d, r, left, right, C, blk, o) + i)
+                            PS[vb, vh, vr, vblk, vo, vi] = zero
+            with T.sblock("acc_tile"):  # its own scope, so the GEMM can be scheduled alone
+                for ii, k, q in T.grid(tt, packed_width(D, v), slab(left, right)):
+                    with T.sblock("acc"):
+                        vb, vh, vr, vblk, vii, vk, vq = T.axis.remap(
+                            "SSSSSSR", [b, h, r, blk, ii, k, q])
+                        with T.init():
+                            OT[vb, vh, vr, vblk, vii, vk] = zero
+                        OT[vb, vh, vr, vblk, vii, vk] = (
+                            OT[vb, vh, vr, vblk, vii, vk]
+                            + PS[vb, vh, vr, vblk, ps_first(vii, vq), ps_second(vii, vq)]
+                            * VP[vb, vh, vr, vblk * tt + vq, vk])
+            for ii, k in T.grid(tt, D):
+                with T.sblock("out"):
+                    vb, vh, vr, vblk, vii, vk = T.axis.remap("SSSSSS", [b, h, r, blk, ii, k])
+                    T.where((blk * tt + ii) * d + r < N)
+                    O[vb, (vblk * tt + vii) * d + vr, vh, vk] = OT[vb, vh, vr, vblk, vii, vk]
+
+    return band_pv.with_attr("global_symbol", name)

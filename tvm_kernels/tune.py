@@ -1,0 +1,172 @@
+"""MetaSchedule driver: tune the CPU schedule knobs at a representative shape, database in/out.
+
+The search space is the schedule of :mod:`tvm_kernels.schedules.cpu` with every knob sampled
+(``sch.sample_categorical``), so a tuning record is a trace of those decisions. Tuning runs on the
+product specialised to :data:`TUNING_SHAPE` (MetaSchedule must allocate inputs); the winning trace
+is replayed on the symbolic function by ``build``, which therefore needs no tuning run and gives
+the same schedule every time. The database (MetaSchedule's JSON workload/record files) lives in
+``prebuilt/tuning/cpu-<isa>-<dtype>/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import meta_schedule as ms
+
+from .export import PRODUCTS, tiled_func
+from .schedules import cpu as cpu_sched
+from .targets import CPU_TARGETS
+
+logger = logging.getLogger("tvm_kernels")
+
+#: (B, N, H, D, w, dilation): the paper's and the benchmarks' shape.
+TUNING_SHAPE = (1, 4096, 12, 64, 256, 1)
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def db_dir(root: Path, isa: str, dtype: str) -> Path:
+    return Path(root) / f"cpu-{isa}-{dtype}"
+
+
+def specialize(func: tirx.PrimFunc, product: str, dtype: str, shape=TUNING_SHAPE) -> tirx.PrimFunc:
+    """Bind the symbolic shapes/strides and scalar arguments of a tiled product to ``shape``."""
+    b, n, h, d, w, dil = shape
+    c = 2 * w + 1
+    first_last = c if product in ("pv", "tpv") else d
+    out_last = c if product == "qk" else d
+    shapes = [(b, n, h, first_last), (b, n, h, d), (b, n, h, out_last)]
+    mapping = {}
+    params = list(func.params)
+    for param, shp in zip(params[:3], shapes):
+        buf = func.buffer_map[param]
+        mapping[param] = tirx.decl_buffer(shp, dtype, buf.name, strides=None)
+    mapping[params[3]] = tirx.const(w, "int64")
+    mapping[params[4]] = tirx.const(w, "int64")
+    mapping[params[5]] = tirx.const(dil, "int64")
+    return func.specialize(mapping)
+
+
+def _space(product: str, lanes: int):
+    def schedule(sch: s_tir.Schedule) -> None:
+        cpu_sched.schedule_tiled(sch, product, {}, lanes)
+
+    return ms.space_generator.ScheduleFn(schedule, sch_rules=[], postprocs=[], mutator_probs={})
+
+
+def build_candidate(mod, target, _params):
+    """MetaSchedule's f_build without its 44 s tensor-intrinsic import (see DEVELOPERS.md)."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm_build(mod, target=target)
+
+
+class _Progress(ms.measure_callback.PyMeasureCallback):
+    """A progress bar over measured candidates (tqdm when installed, log lines otherwise)."""
+
+    def __init__(self, total: int, label: str):
+        super().__init__()
+        self.done, self.total, self.label = 0, total, label
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=label, unit="trial")
+        except ImportError:
+            self.bar = None
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+        self.done += len(runner_results)
+        if self.bar is not None:
+            best = [r.run_secs for r in runner_results if r.run_secs]
+            if best:
+                self.bar.set_postfix(last_ms=f"{1e3 * min(float(x) for x in best[0]):.2f}")
+            self.bar.update(len(runner_results))
+        else:
+            logger.info("%s: %d/%d trials measured", self.label, self.done, self.total)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def tune_cpu(isa: str, dtype: str, trials: int, seed: int, db_root: Path,
+             products=tuple(PRODUCTS)) -> Path:
+    """Tune each product; records accumulate in the database directory, which is returned."""
+    target = CPU_TARGETS[isa]
+    out = db_dir(db_root, isa, dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    database = ms.database.JSONDatabase(str(out / "database_workload.json"),
+                                        str(out / "database_tuning_record.json"),
+                                        module_equality="structural")
+    # builder workers unpickle build_candidate by module name
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(_REPO), os.environ.get("PYTHONPATH", "")])
+    ncores = os.cpu_count() or 1
+    for product in products:
+        func = specialize(tiled_func(product, dtype, target.lanes(dtype)), product, dtype)
+        func = func.with_attr("global_symbol", PRODUCTS[product])
+        progress = _Progress(trials, f"tune {isa}/{dtype}/{product}")
+        with tempfile.TemporaryDirectory(prefix="lftvm-tune-") as work:
+            ms.tune_tir(
+                tvm.IRModule({"main": func}), tvm.target.Target(target.llvm(ncores)), work,
+                max_trials_global=trials, num_trials_per_iter=min(trials, 8),
+                space=_space(product, target.lanes(dtype)), strategy="replay-trace",
+                builder=ms.builder.LocalBuilder(f_build=build_candidate, timeout_sec=300,
+                                                max_workers=1),
+                runner=ms.runner.LocalRunner(
+                    timeout_sec=60,
+                    evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1,
+                                                               min_repeat_ms=50)),
+                database=database, cost_model="random",
+                measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
+                                   progress],
+                seed=seed, num_tuning_cores=ncores)
+        progress.close()
+        best = best_records(out).get(product)
+        if best is not None:
+            logger.info("best %s %s/%s: %.3f ms, decisions %s", product, isa, dtype,
+                        1e3 * best[1], decisions(best[0]))
+    return out
+
+
+def best_records(path: Path) -> dict:
+    """{product: (trace, mean seconds)} of the fastest record per product in a database dir."""
+    wl, rec = Path(path) / "database_workload.json", Path(path) / "database_tuning_record.json"
+    if not (wl.is_file() and rec.is_file()):
+        return {}
+    database = ms.database.JSONDatabase(str(wl), str(rec), allow_missing=False,
+                                        module_equality="structural")
+    symbol_to_product = {v: k for k, v in PRODUCTS.items()}
+    best = {}
+    for record in database.get_all_tuning_records():
+        if not record.run_secs:
+            continue
+        secs = sum(float(s) for s in record.run_secs) / len(record.run_secs)
+        func = record.workload.mod["main"]
+        product = symbol_to_product.get(str(func.attrs.get("global_symbol", "")))
+        if product is None or secs >= 1e9:
+            continue
+        if product not in best or secs < best[product][1]:
+            best[product] = (record.trace, secs)
+    return best
+
+
+def decisions(trace) -> list:
+    return [int(v) for _, v in sorted(((str(k), v) for k, v in trace.decisions.items()),
+                                       key=lambda kv: kv[0])]
+
+
+def load_traces(isa: str, dtype: str, db_root: Path) -> dict:
+    """{product: trace} from the saved database; empty when there is none for (isa, dtype)."""
+    return {p: t for p, (t, _) in best_records(db_dir(db_root, isa, dtype)).items()}
+
+
+if __name__ == "__main__":  # pragma: no cover - convenience
+    sys.exit("use: python build_kernels.py tune")
