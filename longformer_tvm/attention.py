@@ -241,7 +241,12 @@ class LongformerSelfAttention(nn.Module):
 
         rows_off = None if is_masked is None else is_masked[:, :, None, None]
         band_scale = None
-        if self._inplace_ok(x):
+        inplace = self._inplace_ok(x)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s: B=%d N=%d H=%d C=%d G=%d padding=%s %s softmax", _NAME, bsz, n, heads,
+                         band.columns, 0 if glob is None else glob.count, is_masked is not None,
+                         "in-place" if inplace else "autograd")
+        if inplace:
             # Inference: normalise the band scores in place; global columns enter as a per-row
             # scale of the band (no concatenated copy, one (B, N, H, C) tensor alive).
             keep = None if rows_off is None and is_global is None else ~_or(is_masked, is_global)
