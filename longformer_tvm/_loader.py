@@ -124,6 +124,9 @@ def sha256_file(path: Path) -> str:
 
 
 def _tvm_lib_dir() -> Path | None:
+    env = os.environ.get("LONGFORMER_TVM_RUNTIME_DIR")  # runtime libraries without apache-tvm
+    if env:
+        return Path(env).expanduser()
     spec = importlib.util.find_spec("tvm")  # locates the wheel without importing the compiler
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -310,9 +313,13 @@ def kernel_for(product: str, t: torch.Tensor):
     if backend_mode() == "reference":
         return None
     device = t.device.type
+    if device == "cuda":
+        from . import _cuda
+
+        return _cuda.kernel_for(product, t)
     if device != "cpu":
         raise KernelNotAvailableError(
-            f"no compiled band kernel for device {t.device}: this build has CPU kernels only")
+            f"no compiled band kernel for device {t.device}: there are CPU and CUDA kernels only")
     return REGISTRY.functions(device, _dtype_name(t.dtype))[product]
 
 
@@ -328,4 +335,7 @@ def backend_info() -> dict:
             {"file": str(e.path), "isa": e.info.get("isa"), "schedule": e.info.get("schedule"),
              "usable": not reason, "reason": reason}
             for e, reason in REGISTRY.candidates(device, dtype)]
+    from . import _cuda
+
+    info["cuda"] = _cuda.info()
     return info

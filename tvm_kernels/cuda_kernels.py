@@ -113,11 +113,11 @@ def make_qk(dtype: str, tiles: Tiles):
                 for ii, jj in T.grid(tm, tj):
                     with T.sblock("out"):
                         vi, vj = T.axis.remap("SS", [ii, jj])
-                        T.where(vt * tm + ii < rows_in_residue(N, d, vr) and vjc * tj + jj < C)
-                        O[vb, (vt * tm + vi) * d + vr, vh, vjc * tj + vj] = T.Select(
-                            vt * tm + vi + vjc * tj + vj >= left
-                            and vt * tm + vi + vjc * tj + vj - left < rows_in_residue(N, d, vr),
-                            T.Cast(dtype, S[vi, vj]), T.Cast(dtype, pad))
+                        if vt * tm + vi < rows_in_residue(N, d, vr) and vjc * tj + vj < C:
+                            O[vb, (vt * tm + vi) * d + vr, vh, vjc * tj + vj] = T.Select(
+                                vt * tm + vi + vjc * tj + vj >= left
+                                and vt * tm + vi + vjc * tj + vj - left < rows_in_residue(N, d, vr),
+                                T.Cast(dtype, S[vi, vj]), T.Cast(dtype, pad))
 
     return band_qk.with_attr("global_symbol", "band_qk")
 
@@ -201,7 +201,7 @@ def make_pv(dtype: str, tiles: Tiles, transposed: bool = False):
                 for ii, dd in T.grid(tm, td):
                     with T.sblock("out"):
                         vi, vd = T.axis.remap("SS", [ii, dd])
-                        T.where(vt * tm + ii < rows_in_residue(N, d, vr) and vdc * td + dd < D)
-                        O[vb, (vt * tm + vi) * d + vr, vh, vdc * td + vd] = T.Cast(dtype, acc[vi, vd])
+                        if vt * tm + vi < rows_in_residue(N, d, vr) and vdc * td + vd < D:
+                            O[vb, (vt * tm + vi) * d + vr, vh, vdc * td + vd] = T.Cast(dtype, acc[vi, vd])
 
     return band_pv.with_attr("global_symbol", name)

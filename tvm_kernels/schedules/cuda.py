@@ -96,13 +96,14 @@ def _common(sch: s_tir.Schedule, kind: str, knobs: dict, loads, compute: str) ->
     sch.bind(sch.fuse(*sch.get_loops(tile)), "blockIdx.x")
     for name in loads:
         block = sch.get_sblock(name)
+        row = int(sch.get(block).writes[0].source.shape[-1])
         _spread(sch, block, ty, tx)
-        # one element of padding per row: a warp reading down a column hits distinct banks
-        sch.storage_align(block, 0, axis=0, factor=32, offset=1)
+        # one element of padding per row: threads reading down a column spread over the banks
+        sch.storage_align(block, 0, axis=0, factor=row, offset=1)
     block = sch.get_sblock(compute)
-    init = sch.decompose_reduction(block, sch.get_loops(block)[1])  # before the chunk loop
-    _register_tile(sch, init, ty, tx, False)
     _register_tile(sch, block, ty, tx, True, unroll)
+    # the accumulator's initialisation goes before the chunk loop, with the same thread mapping
+    sch.decompose_reduction(block, sch.get_loops(block)[0])
     _register_tile(sch, sch.get_sblock("out"), ty, tx, False)
 
 
