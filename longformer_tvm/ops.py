@@ -130,3 +130,22 @@ def _tpv_backward(ctx, grad):
 band_qk.register_autograd(_qk_backward, setup_context=_setup)
 band_pv.register_autograd(_pv_backward, setup_context=_setup)
 band_tpv.register_autograd(_tpv_backward, setup_context=_setup)
+
+
+# Autocast: under torch.autocast("cuda") the products run in the autocast dtype (the half-precision
+# CUDA kernels accumulate in float32); float64 inputs are left as they are, like torch's own ops.
+def _autocast_cuda(op):
+    def kernel(_keyset, *args):
+        dtype = torch.get_autocast_dtype("cuda")
+        args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                     and a.dtype != torch.float64 and a.device.type == "cuda" else a for a in args)
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA)):
+            return op(*args)
+
+    return kernel
+
+
+_AUTOCAST = torch.library.Library(_LIB, "IMPL")
+for _name in ("band_qk", "band_pv", "band_tpv"):
+    _AUTOCAST.impl(_name, _autocast_cuda(getattr(torch.ops.longformer_tvm, _name).default),
+                   "AutocastCUDA", with_keyset=True)
