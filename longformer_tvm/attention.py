@@ -249,12 +249,9 @@ class LongformerSelfAttention(nn.Module):
         if inplace:
             # Inference: normalise the band scores in place; global columns enter as a per-row
             # scale of the band (no concatenated copy, one (B, N, H, C) tensor alive).
+            # Padding rows are zeroed in the (B, N, H, D) output below, not in the probabilities.
             keep = None if rows_off is None and is_global is None else ~_or(is_masked, is_global)
             band_p, glob_p, band_scale = _softmax_inplace(scores, g_scores, band.left, keep)
-            if rows_off is not None:
-                band_p.masked_fill_(rows_off, 0.0)
-                if glob_p is not None:
-                    glob_p.masked_fill_(rows_off, 0.0)
             probs = None
         else:
             # transformers' order: concatenate, float32 softmax, zero padding rows, cast, dropout.
@@ -273,6 +270,8 @@ class LongformerSelfAttention(nn.Module):
             out.mul_(band_scale)
         if glob_p is not None:
             out = out + torch.einsum("bnhg,bghd->bnhd", glob_p, glob.gather(v))
+        if inplace and rows_off is not None:
+            out.masked_fill_(rows_off, 0.0)
         out = out.reshape(bsz, n, self.embed_dim)
 
         global_probs = None
@@ -286,6 +285,8 @@ class LongformerSelfAttention(nn.Module):
             if band_scale is not None:
                 band_p = band_p * band_scale
             probs = band_p if glob_p is None else torch.cat((glob_p, band_p), dim=-1)
+            if rows_off is not None:
+                probs.masked_fill_(rows_off, 0.0)
         if glob is not None:
             probs = probs.masked_fill(is_global[:, :, None, None], 0.0)
         return AttentionOutput(out, probs, global_probs)
