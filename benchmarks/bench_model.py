@@ -96,6 +96,29 @@ def worker(args) -> dict:
                 peak_is_forward_only=reset, threads=torch.get_num_threads(), **info)
 
 
+def _strip(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """argv without the given options and their values (``--opt v`` or ``--opt=v``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in options:
+            skip = True
+        elif not a.startswith(tuple(o + "=" for o in options)):
+            out.append(a)
+    return out
+
+
+def _merge(runs: list[dict]) -> dict:
+    """One configuration's processes: all times pooled; peak memory the largest seen."""
+    times = [t for r in runs for t in r["times"]]
+    forward = [r["forward_peak_mib"] for r in runs if r["forward_peak_mib"] is not None]
+    merged = dict(runs[0], times=times, median_s=statistics.median(times), best_s=min(times),
+                  peak_rss_mib=max(r["peak_rss_mib"] for r in runs),
+                  forward_peak_mib=max(forward) if forward else None)
+    return merged
+
+
 def attention_gflop(args) -> float:
     """Band products + global rows/columns of one forward (multiply-add = 2 FLOPs)."""
     n, bsz, heads, d = args.seq_len, args.batch, 12, 64
@@ -112,7 +135,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--attention-window", type=int, default=512, help="two-sided, as in transformers")
     parser.add_argument("--globals", type=int, default=1, help="global tokens at the start (0 = none)")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=3, help="timed forwards per process")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="processes per configuration, alternating between configurations")
     parser.add_argument("--warmup", type=int, default=1, help="full-length untimed forwards first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--seed", type=int, default=0)
@@ -126,20 +151,20 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
 
-    results = {}
-    forwarded = [a for a in sys.argv[1:] if not a.startswith("--json")]
-    if args.json and args.json in forwarded:
-        forwarded.remove(args.json)
-    for impl in args.impls:
-        cmd = [sys.executable, os.path.abspath(__file__), *forwarded, "--worker", impl]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"{impl} run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-        results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+    forwarded = _strip(sys.argv[1:], ("--json", "--rounds"))
+    runs = {impl: [] for impl in args.impls}
+    for _ in range(args.rounds):  # alternate, so a change in machine load hits both alike
+        for impl in args.impls:
+            cmd = [sys.executable, os.path.abspath(__file__), *forwarded, "--worker", impl]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"{impl} run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+            runs[impl].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    results = {impl: _merge(r) for impl, r in runs.items()}
 
     print(f"LongformerModel base size: {args.layers} layers, N={args.seq_len}, batch {args.batch}, "
           f"attention_window {args.attention_window}, {args.globals} global token(s), forward only, "
-          f"{args.repeat} timed run(s)")
+          f"{args.rounds} x {args.repeat} timed run(s)")
     print(f"attention band products: {attention_gflop(args):.1f} GFLOP per forward")
     print(f"{'attention':<16}{'median s':>10}{'best s':>10}{'peak RSS MiB':>14}{'forward MiB':>13}  notes")
     for impl, r in results.items():
