@@ -79,8 +79,10 @@ def cmd_build(args) -> int:
 def cmd_tune(args) -> int:
     from tvm_kernels import tune
 
-    if args.target != "cpu":
-        raise SystemExit("tune --target cuda: run on a GPU machine with the CUDA build module")
+    if args.target == "cuda":
+        from tvm_kernels import cuda_tune  # MetaSchedule on this machine's GPU
+
+        return cuda_tune.main(args)
     for isa in _isas(args.isa):
         for dtype in _csv(args.dtype):
             tune.tune_cpu(isa, dtype, trials=args.trials, seed=args.seed,

@@ -65,6 +65,8 @@ def check_functions(functions: dict, dtype: torch.dtype, device: str, cases=CASE
             out = torch.empty(want.shape, dtype=dtype, device=device)
             t0 = time.perf_counter()
             ops.apply_kernel(functions[product], a, b, band, out, pad)
+            if out.is_cuda:
+                torch.cuda.synchronize(out.device)
             ms = 1e3 * (time.perf_counter() - t0)
             got = out.double()
             finite = torch.isfinite(want)
@@ -82,12 +84,34 @@ def usable_entries():
     out = []
     for device, dtype in (("cpu", "float32"), ("cpu", "float64")):
         out.extend(reg.candidates(device, dtype))
+    out.extend(cuda_entries())
     return out
+
+
+def cuda_entries():
+    """CUDA libraries, judged for the architecture of cuda:0 (all skipped without a GPU)."""
+    from longformer_tvm import _cuda
+
+    arch = _cuda.device_arch(torch.device("cuda", 0)) if torch.cuda.is_available() else None
+    out = []
+    for dtype in _cuda.DTYPES:
+        for entry, reason in _cuda.RUNTIME.candidates(dtype, arch):
+            out.append((entry, reason or ("" if arch else "no CUDA GPU here")))
+    # one library per (dtype): the one the loader would pick (SASS for this arch first)
+    chosen, seen = [], set()
+    for entry, reason in sorted(out, key=lambda er: (bool(er[1]), arch not in er[0].info.get("archs", ()))):
+        if not reason and entry.dtype in seen:
+            reason = "another library for this dtype is preferred here"
+        if not reason:
+            seen.add(entry.dtype)
+        chosen.append((entry, reason))
+    return chosen
 
 
 def main(args) -> int:
     cases = QUICK if getattr(args, "quick", False) else CASES
     failures = checked = 0
+    gpu_checked = False
     print(f"{'library':44s} {'product':8s} {'cases':>5s} {'max err':>10s} {'tolerance':>10s}  result")
     for entry, reason in usable_entries():
         name = f"{entry.path.parent.name}/{entry.path.name}"
@@ -95,6 +119,10 @@ def main(args) -> int:
             print(f"{name:44s} skipped: {reason}")
             continue
         try:
+            if entry.device == "cuda":
+                from longformer_tvm import _cuda
+
+                _cuda.RUNTIME.load()
             functions = _loader.REGISTRY.open(entry)
         except Exception as exc:  # a library that does not load is a failure, not a crash
             print(f"{name:44s} FAILED to load: {exc}")
@@ -109,6 +137,14 @@ def main(args) -> int:
                   f"{'ok' if not bad else 'MISMATCH ' + str([r['case'] for r in bad])}")
             failures += bool(bad)
         checked += 1
+        gpu_checked = gpu_checked or entry.device == "cuda"
+    if gpu_checked:
+        from benchmarks import cuda_bench
+
+        print()
+        print(f"GPU timings: {torch.cuda.get_device_name()}, B=1 N=4096 H=12 D=64 w=256")
+        rows = cuda_bench.run(iters=5 if getattr(args, "quick", False) else 20)
+        print(cuda_bench.format_table(rows, cuda_bench.copy_bandwidth()))
     if not checked:
         print("no library runs on this machine: build one with `python build_kernels.py build`")
         return 1

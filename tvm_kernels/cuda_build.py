@@ -175,9 +175,9 @@ def real_driver_present() -> bool:
 
 # ---- schedules -----------------------------------------------------------------------------
 
-def tuning_record(arch: str, dtype: str, root: Path = TUNING_DIR) -> dict:
+def tuning_record(arch: str, dtype: str, root: Path | None = None) -> dict:
     """{kind: {"tiles": {...}, "knobs": {...}, ...}} for (arch, dtype); {} when never tuned."""
-    path = Path(root) / f"cuda-{arch}-{dtype}.json"
+    path = Path(root or TUNING_DIR) / f"cuda-{arch}-{dtype}.json"
     if not path.is_file():
         return {}
     try:
