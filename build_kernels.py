@@ -62,12 +62,12 @@ def cmd_build(args) -> int:
     for isa in _isas(args.isa):
         for dtype in dtypes:
             t0 = time.perf_counter()
-            traces, name = {}, args.schedule
+            traces = {}
             if args.schedule == "tuned":
                 traces = tune.load_traces(isa, dtype, REPO / "prebuilt" / "tuning")
-                name = "tuned" if traces else "hand"
-                if len(traces) < 3:
-                    name = f"tuned({','.join(sorted(traces))})+hand" if traces else "hand"
+            name = "naive" if args.schedule == "naive" else " ".join(
+                f"{p}:{'tuned' if p in traces else 'hand'}{tune.knobs_of(p, isa, traces.get(p))}"
+                for p in ("qk", "pv", "tpv"))
             schedule = "naive" if args.schedule == "naive" else "hand"
             entry = export.build_cpu(dtype, isa, out, schedule=schedule, traces=traces,
                                      schedule_name=name)

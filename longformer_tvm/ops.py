@@ -33,18 +33,35 @@ def _prepare(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+#: A kernel call packs its slab operand (about the size of its head slice of k or v) into a
+#: workspace; calls cover at most this fraction of the output's bytes (or WORKSPACE_MIN bytes), so
+#: the extra memory of a product stays a few percent of what it returns.
+WORKSPACE_FRACTION = 1 / 32
+WORKSPACE_MIN = 8 << 20
+
+
+def _heads_per_call(b: torch.Tensor, out: torch.Tensor) -> int:
+    per_head = b.shape[0] * b.shape[1] * b.shape[3] * b.element_size()
+    budget = max(WORKSPACE_MIN, out.numel() * out.element_size() * WORKSPACE_FRACTION)
+    return max(1, int(budget // max(per_head, 1)))
+
+
 def apply_kernel(kernel, a: torch.Tensor, b: torch.Tensor, band: Band, out: torch.Tensor,
                  padding: float | None) -> torch.Tensor:
-    """Call a compiled product into ``out``: one call per run of heads with equal dilation."""
+    """Call a compiled product into ``out`` on strided head slices: one call per run of heads
+    with equal dilation, split further so the kernel's workspace stays small."""
     n = a.shape[1]
     a, b = _prepare(a), _prepare(b)
+    step = _heads_per_call(b, out)
     for h0, h1, d in band.head_runs():
         d = min(d, n)  # beyond N every off-centre key is outside the sequence: same band
-        views = (a[:, :, h0:h1], b[:, :, h0:h1], out[:, :, h0:h1])
-        if padding is None:
-            kernel(*views, band.left, band.right, d)
-        else:
-            kernel(*views, band.left, band.right, d, padding)
+        for s0 in range(h0, h1, step):
+            s1 = min(s0 + step, h1)
+            views = (a[:, :, s0:s1], b[:, :, s0:s1], out[:, :, s0:s1])
+            if padding is None:
+                kernel(*views, band.left, band.right, d)
+            else:
+                kernel(*views, band.left, band.right, d, padding)
     return out
 
 

@@ -57,8 +57,8 @@ def scheduled_func(product: str, dtype: str, target: CpuTarget, schedule: str = 
         if trace is not None:
             trace.apply_to_schedule(sch, remove_postproc=True)
         else:
-            cpu_sched.schedule_tiled(sch, product, {**cpu_sched.HAND[product], **(knobs or {})},
-                                     target.lanes(dtype))
+            cpu_sched.schedule_tiled(sch, product, {**cpu_sched.hand_knobs(product, target.isa),
+                                                    **(knobs or {})}, target.lanes(dtype))
     return sch.mod["main"].with_attr("global_symbol", PRODUCTS[product])
 
 

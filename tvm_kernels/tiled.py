@@ -34,7 +34,7 @@ from tvm.script import tirx as T
 #: Slab panels are rounded up to a multiple of this many panels (the QK microkernel may take 1 or 2).
 QK_PANEL_ROUND = 2
 #: Packed head dimension is rounded up to a multiple of this many vectors (PV microkernel width).
-PV_VEC_ROUND = 2
+PV_VEC_ROUND = 4
 
 
 def ceil_div(a, b):
@@ -164,7 +164,7 @@ def make_qk(dtype: str, v: int, tm: int = 1):
     return band_qk.with_attr("global_symbol", "band_qk")
 
 
-def make_pv(dtype: str, v: int, tm: int = 1, transposed: bool = False):
+def make_pv(dtype: str, v: int, rows: int | None = None, transposed: bool = False):
     """Banded P V, or (``transposed``) its adjoint in P. The reduction runs over the tile's slab.
 
     Slab row q of tile ``blk`` (residue position ``blk*TT + q - lead``) is the key (PV,
@@ -173,7 +173,7 @@ def make_pv(dtype: str, v: int, tm: int = 1, transposed: bool = False):
     one P row) or ``G[slab row q, left + right + ii - q]`` (transposed; layout [q, ii], so a slab
     row copies from one G row), zero elsewhere.
     """
-    tt = v * tm
+    tt = rows or v  # tile height: any value (no panel alignment in this product)
     zero = T.cast(0, dtype)
     name = "band_pv_transposed" if transposed else "band_pv"
 

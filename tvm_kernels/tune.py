@@ -19,6 +19,7 @@ from pathlib import Path
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import meta_schedule as ms
+from tvm.ir.utils import derived_object
 
 from .export import PRODUCTS, tiled_func
 from .schedules import cpu as cpu_sched
@@ -45,11 +46,16 @@ def specialize(func: tirx.PrimFunc, product: str, dtype: str, shape=TUNING_SHAPE
     mapping = {}
     params = list(func.params)
     for param, shp in zip(params[:3], shapes):
-        buf = func.buffer_map[param]
-        mapping[param] = tirx.decl_buffer(shp, dtype, buf.name, strides=None)
+        strides = [tirx.const(shp[1] * shp[2] * shp[3], "int64"), tirx.const(shp[2] * shp[3], "int64"),
+                   tirx.const(shp[3], "int64"), tirx.const(1, "int64")]
+        mapping[param] = tirx.decl_buffer([tirx.const(x, "int64") for x in shp], dtype, param.name,
+                                          strides=strides, elem_offset=tirx.const(0, "int64"),
+                                          data_alignment=4, offset_factor=1)
     mapping[params[3]] = tirx.const(w, "int64")
     mapping[params[4]] = tirx.const(w, "int64")
     mapping[params[5]] = tirx.const(dil, "int64")
+    if len(params) > 6:  # qk's padding value
+        mapping[params[6]] = tirx.const(0.0, "float64")
     return func.specialize(mapping)
 
 
@@ -69,11 +75,11 @@ def build_candidate(mod, target, _params):
     return tvm_build(mod, target=target)
 
 
+@derived_object
 class _Progress(ms.measure_callback.PyMeasureCallback):
     """A progress bar over measured candidates (tqdm when installed, log lines otherwise)."""
 
     def __init__(self, total: int, label: str):
-        super().__init__()
         self.done, self.total, self.label = 0, total, label
         try:
             from tqdm import tqdm
@@ -131,8 +137,8 @@ def tune_cpu(isa: str, dtype: str, trials: int, seed: int, db_root: Path,
         progress.close()
         best = best_records(out).get(product)
         if best is not None:
-            logger.info("best %s %s/%s: %.3f ms, decisions %s", product, isa, dtype,
-                        1e3 * best[1], decisions(best[0]))
+            logger.info("best %s %s/%s: %.3f ms, %s", product, isa, dtype, 1e3 * best[1],
+                        knob_values(best[0], product))
     return out
 
 
@@ -158,9 +164,32 @@ def best_records(path: Path) -> dict:
     return best
 
 
-def decisions(trace) -> list:
-    return [int(v) for _, v in sorted(((str(k), v) for k, v in trace.decisions.items()),
-                                       key=lambda kv: kv[0])]
+def knob_values(trace, product: str) -> dict:
+    """The knob values a trace chose, by name: e.g. {"panels": 2, "rows": 8}."""
+    names = {tuple(c): n for n, c in cpu_sched.SPACE[product].items()}
+    out = {}
+    for inst in trace.insts:
+        if inst.kind.name != "SampleCategorical" or inst not in trace.decisions:
+            continue
+        cands = tuple(int(x) for x in inst.attrs[0])
+        out[names.get(cands, str(cands))] = cands[int(trace.decisions[inst])]
+    return out
+
+
+def knobs_of(product: str, isa: str, trace=None) -> dict:
+    """Knob values of a product's schedule: the trace's if tuned, else the hand schedule's."""
+    return knob_values(trace, product) if trace is not None else cpu_sched.hand_knobs(product, isa)
+
+
+def sample_space(product: str, dtype: str, isa: str, seed: int, count: int) -> list[dict]:
+    """The first ``count`` points MetaSchedule's random replay draws with ``seed`` (deterministic)."""
+    target = CPU_TARGETS[isa]
+    points = []
+    for i in range(count):
+        sch = s_tir.Schedule(tiled_func(product, dtype, target.lanes(dtype)), seed=seed + i + 1)
+        cpu_sched.schedule_tiled(sch, product, {}, target.lanes(dtype))
+        points.append(knob_values(sch.trace, product))
+    return points
 
 
 def load_traces(isa: str, dtype: str, db_root: Path) -> dict:

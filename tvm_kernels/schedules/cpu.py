@@ -21,16 +21,21 @@ from tvm import s_tir
 #: Candidate values per knob and product. ``rows`` must divide the tile height TT = V * TM.
 SPACE = {
     "qk": {"rows": [4, 8, 16], "panels": [1, 2]},
-    "pv": {"rows": [4, 8, 16], "vecs": [1, 2]},
-    "tpv": {"rows": [4, 8, 16], "vecs": [1, 2]},
+    "pv": {"rows": [4, 8, 16], "vecs": [1, 2, 4]},
+    "tpv": {"rows": [4, 8, 16], "vecs": [1, 2, 4]},
 }
 
-#: The hand schedules: what we measured best on AVX-512 and AVX2 by hand (see benchmarks/RESULTS.md).
+#: The hand schedules, by vector register file: 32 registers (AVX-512) or 16 (AVX2, SSE).
+#: Accumulators take rows * panels (QK) or rows * vecs (PV) registers; the rest hold operands.
 HAND = {
-    "qk": {"rows": 8, "panels": 2},
-    "pv": {"rows": 8, "vecs": 2},
-    "tpv": {"rows": 8, "vecs": 2},
+    32: {"qk": {"rows": 8, "panels": 2}, "pv": {"rows": 4, "vecs": 4}, "tpv": {"rows": 4, "vecs": 4}},
+    16: {"qk": {"rows": 4, "panels": 2}, "pv": {"rows": 4, "vecs": 2}, "tpv": {"rows": 4, "vecs": 2}},
 }
+
+
+def hand_knobs(product: str, isa: str) -> dict:
+    """The hand schedule's knob values for a product on an ISA level."""
+    return dict(HAND[32 if isa == "avx512" else 16][product])
 
 
 def _knob(sch: s_tir.Schedule, product: str, knobs: dict, name: str):
@@ -50,7 +55,7 @@ def schedule_qk(sch: s_tir.Schedule, knobs: dict) -> None:
     iio, iii = sch.split(ii, [None, _knob(sch, "qk", knobs, "rows")])
     sch.reorder(qoo, iio, k, iii, qoi, qi)
     acc = sch.cache_write(s_blk, 0, "local")
-    sch.reverse_compute_at(acc, iio)
+    sch.reverse_compute_at(acc, iio, preserve_unit_loops=True)
     sch.vectorize(qi)
     sch.unroll(qoi)
     sch.unroll(iii)
@@ -74,7 +79,7 @@ def schedule_pv(sch: s_tir.Schedule, knobs: dict, v: int, transposed: bool = Fal
     iio, iii = sch.split(ii, [None, _knob(sch, product, knobs, "rows")])
     sch.reorder(ko, iio, q, iii, kv, kl)
     acc = sch.cache_write(acc_blk, 0, "local")
-    sch.reverse_compute_at(acc, iio)
+    sch.reverse_compute_at(acc, iio, preserve_unit_loops=True)
     sch.vectorize(kl)
     sch.unroll(kv)
     sch.unroll(iii)

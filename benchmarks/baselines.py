@@ -1,0 +1,111 @@
+"""The PyTorch paths users have today, on the same inputs as ours, plus timing helpers.
+
+* transformers' sliding chunks (``LongformerSelfAttention._sliding_chunks_*``), which need
+  ``N`` to be a multiple of ``2w`` (the model pads to it);
+* dense SDPA with the band as a boolean mask (whole attention; N x N memory);
+* FlexAttention with a sliding-window block mask, compiled (whole attention; CPU where torch has it);
+* allenai/longformer's formulation compiled by TVM (the "naive" schedule).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+
+def flops_band(b: int, n: int, h: int, d: int, c: int) -> float:
+    """Useful FLOPs of one band product (QK or PV): 2 * B * N * H * C * D."""
+    return 2.0 * b * n * h * c * d
+
+
+def timeit(fn, *, min_time: float = 0.3, warmup: int = 1, max_iters: int = 50) -> float:
+    """Median seconds per call over at least ``min_time`` seconds (after ``warmup`` calls)."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < min_time and len(times) < max_iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def sgemm_gflops(n: int = 2048, dtype=torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    secs = timeit(lambda: a @ b, min_time=0.5)
+    return 2.0 * n ** 3 / secs / 1e9
+
+
+@functools.lru_cache(maxsize=None)
+def _hf_layer(w: int, heads: int, head_dim: int):
+    from transformers import LongformerConfig
+    from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
+
+    cfg = LongformerConfig(hidden_size=heads * head_dim, num_attention_heads=heads,
+                           attention_window=[2 * w], attention_probs_dropout_prob=0.0)
+    return LongformerSelfAttention(cfg, layer_id=0).eval()
+
+
+def hf_qk(q: torch.Tensor, k: torch.Tensor, w: int) -> torch.Tensor:
+    """transformers' banded scores, shape (B, N, H, 2w+1). Needs N % (2w) == 0."""
+    return _hf_layer(w, q.shape[2], q.shape[3])._sliding_chunks_query_key_matmul(q, k, w)
+
+
+def hf_pv(p: torch.Tensor, v: torch.Tensor, w: int) -> torch.Tensor:
+    return _hf_layer(w, v.shape[2], v.shape[3])._sliding_chunks_matmul_attn_probs_value(p, v, w)
+
+
+def hf_attention(q, k, v, w):
+    """transformers' attention core: chunked QK, mask of invalid locations, softmax, chunked PV."""
+    s = hf_qk(q, k, w)
+    return hf_pv(torch.softmax(s, dim=-1), v, w)
+
+
+def ours_attention(q, k, v, w):
+    import longformer_tvm as lt
+
+    s = lt.sliding_window_qk(q, k, w, padding_value=float("-inf"))
+    return lt.sliding_window_pv(torch.softmax(s, dim=-1), v, w)
+
+
+@functools.lru_cache(maxsize=4)
+def _band_mask(n: int, w: int) -> torch.Tensor:
+    i = torch.arange(n)
+    return (i[:, None] - i[None, :]).abs() <= w
+
+
+def sdpa_attention(q, k, v, w):
+    """Dense SDPA under the band mask; (B, N, H, D) in and out. Memory O(N^2)."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=_band_mask(q.shape[1], w),
+        scale=1.0)
+    return out.transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=4)
+def _flex(n: int, w: int):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def band(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx).abs() <= w
+
+    mask = create_block_mask(band, B=None, H=None, Q_LEN=n, KV_LEN=n, device="cpu")
+    return torch.compile(flex_attention, dynamic=False), mask
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def flex_attention(q, k, v, w):
+    fn, mask = _flex(q.shape[1], w)
+    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask, scale=1.0)
+    return out.transpose(1, 2)
