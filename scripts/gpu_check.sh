@@ -33,8 +33,9 @@ if ! ls "$CARRY"/wheels/apache_tvm_ffi-*.whl >/dev/null 2>&1 || [ ! -f "$CARRY/t
 fi
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/lftvm-site "$CARRY"/wheels/*.whl || { echo "pip install of the carried wheel failed"; exit 2; }
+CARRY=$(cd "$CARRY" && pwd)
 export PYTHONPATH="/tmp/lftvm-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export LONGFORMER_TVM_RUNTIME_DIR="$PWD/$CARRY/tvm_runtime"
+export LONGFORMER_TVM_RUNTIME_DIR="$CARRY/tvm_runtime"
 export LONGFORMER_TVM_LOG_LEVEL=INFO
 
 {
@@ -69,5 +70,9 @@ if [ -f "$CARRY/candidates/candidates.json" ]; then
     rc_cand=${PIPESTATUS[0]}
 fi
 
-echo "selfcheck=$rc_self tests=$rc_test bench=$rc_bench candidates=$rc_cand" | tee "$OUT/summary.txt"
-[ "$rc_self" = 0 ] && [ "$rc_test" = 0 ]
+# every CUDA library (3 dtypes x 3 products) must have been checked here, not skipped
+cuda_ok=$(grep -c '^cuda/.* ok$' "$OUT/selfcheck.txt")
+rc_cuda=0; [ "$cuda_ok" -ge 9 ] || rc_cuda=1
+echo "selfcheck=$rc_self cuda_products_ok=$cuda_ok/9 tests=$rc_test bench=$rc_bench candidates=$rc_cand" \
+    | tee "$OUT/summary.txt"
+[ "$rc_self" = 0 ] && [ "$rc_cuda" = 0 ] && [ "$rc_test" = 0 ]

@@ -227,3 +227,34 @@ def test_tuning_records_are_data(tmp_path, monkeypatch):
     assert tuned["qk"]["from"] == "tuned" and tuned["qk"]["knobs"]["ty"] == 8
     assert tuned["pv"]["from"] == "hand"
     assert cuda_build.configs_for("float32", "tuned", "sm_80")["qk"]["from"] == "hand"
+
+
+def test_metaschedule_space_and_decisions():
+    from tvm import s_tir
+
+    from tvm_kernels import cuda_kernels as ck
+    from tvm_kernels import cuda_tune
+    from tvm_kernels.schedules import cuda as sched
+    func = cuda_tune.specialize(ck.make_pv("float16", sched.TILES[("pv", 2)]), "pv", "float16", cuda_tune.TUNING_SHAPE)
+    sch = s_tir.Schedule(func, seed=3)
+    sched.schedule(sch, "pv", {})
+    knobs = cuda_tune.knob_values(sch.trace)
+    assert set(knobs) == {"ty", "tx", "unroll"}
+    assert all(knobs[k] in sched.SPACE["pv"][k] for k in knobs)
+
+
+def test_offline_collect_keeps_the_fastest_correct_candidate(tmp_path):
+    from tvm_kernels import cuda_tune
+
+    cfg = lambda i: {"qk": {"tiles": {"tm": i}, "knobs": {}}, "pv": {"tiles": {"tm": i}, "knobs": {}}}  # noqa: E731
+    rows = []
+    for cand, (qk, pv, tpv, ok) in enumerate([(1.0, 2.0, 2.0, True), (0.5, 3.0, 3.0, False), (0.8, 1.0, 1.5, True)]):
+        for product, ms in (("qk", qk), ("pv", pv), ("tpv", tpv)):
+            rows.append({"file": f"c{cand}", "arch": "sm_90", "dtype": "float16", "candidate": cand,
+                         "config": cfg(cand), "product": product, "ms": ms, "ok": ok})
+    timings = tmp_path / "timings.json"
+    timings.write_text(json.dumps({"device": "test", "rows": rows}))
+    (path,) = cuda_tune.offline_collect(timings, root=tmp_path)
+    best = json.loads(path.read_text())["best"]
+    assert best["qk"]["candidate"] == 2 and best["pv"]["candidate"] == 2  # 1 is faster but wrong
+    assert best["pv"]["ms"] == 2.5

@@ -88,7 +88,7 @@ def offline_build(archs: list[str], dtypes: list[str], out: Path) -> Path:
                 try:
                     cuda_build.compile_library(dtype, [arch], configs, out / rel)
                 except SystemExit as exc:  # a candidate that does not compile is skipped
-                    logger.warning("candidate %d (%s %s) failed: %s", i, arch, dtype, str(exc)[:400])
+                    logger.warning("candidate %d (%s %s) failed: %s", i, arch, dtype, str(exc)[-600:])
                     continue
                 listing.append({"file": rel, "arch": arch, "dtype": dtype, "candidate": i,
                                 "config": {k: {"tiles": v["tiles"], "knobs": v["knobs"]}
@@ -121,6 +121,30 @@ def offline_collect(timings_file: Path, root: Path | None = None) -> list[Path]:
 
 # ---- MetaSchedule ------------------------------------------------------------------------------
 
+def specialize(func, product: str, dtype: str, shape=TUNING_SHAPE):
+    """Bind a product's symbolic shapes/strides and window arguments to ``shape`` (contiguous)."""
+    from tvm import tirx
+
+    b, n, h, d, w, dil = shape
+    c = 2 * w + 1
+    shapes = [(b, n, h, c if product in ("pv", "tpv") else d), (b, n, h, d),
+              (b, n, h, c if product == "qk" else d)]
+    params = list(func.params)
+    mapping = {}
+    for param, shp in zip(params[:3], shapes):  # in TVM 0.27 a buffer parameter is its buffer
+        strides = [tirx.const(shp[1] * shp[2] * shp[3], "int64"), tirx.const(shp[2] * shp[3], "int64"),
+                   tirx.const(shp[3], "int64"), tirx.const(1, "int64")]
+        mapping[param] = tirx.decl_buffer([tirx.const(x, "int64") for x in shp], dtype, param.name,
+                                          strides=strides, elem_offset=tirx.const(0, "int64"),
+                                          data_alignment=param.data_alignment,
+                                          offset_factor=param.offset_factor)
+    for param, value in zip(params[3:6], (w, w, dil)):
+        mapping[param] = tirx.const(value, "int64")
+    if len(params) > 6:  # qk's padding value
+        mapping[params[6]] = tirx.const(float("-inf"), "float64")
+    return func.specialize(mapping)
+
+
 def knob_values(trace) -> dict:
     """The sampled knob values of a trace, in sampling order (ty, tx, unroll)."""
     values = []
@@ -139,7 +163,6 @@ def tune_metaschedule(dtype: str, trials: int, seed: int, products=("qk", "pv", 
 
     from . import cuda_kernels
     from .schedules import cuda as sched
-    from .tune import specialize
 
     arch = cuda_build.detect_archs()[0]
     target = tvm.target.Target({"kind": "cuda", "arch": arch}, host="llvm")
