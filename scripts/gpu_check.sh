@@ -18,7 +18,8 @@
 #   5. candidate_timings.json  offline-tuning candidates timed (when .gpu_carry/candidates exists);
 #                           back here: python -m tvm_kernels.cuda_tune offline-collect FILE
 # Results go to $OUT (the device tool's folder), else ./gpu_out. Exit status: non-zero if the
-# selfcheck or the tests failed.
+# selfcheck or the tests failed. Step time limits add up to 570 s, inside the device tool's 600 s
+# per call (run it with timeout_s=600); every file in $OUT is written as its step ends.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -51,21 +52,21 @@ EOF
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-timeout 300 "$PY" build_kernels.py selfcheck > "$OUT/selfcheck.txt" 2>&1
+timeout 240 "$PY" build_kernels.py selfcheck > "$OUT/selfcheck.txt" 2>&1
 rc_self=$?
 cat "$OUT/selfcheck.txt"
 
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py -rs > "$OUT/test_cuda.txt" 2>&1
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py -rs > "$OUT/test_cuda.txt" 2>&1
 rc_test=$?
 tail -25 "$OUT/test_cuda.txt"
 
-timeout 180 "$PY" -m benchmarks.cuda_bench --dtypes float32,float16 --json "$OUT/cuda_bench.json" \
+timeout 120 "$PY" -m benchmarks.cuda_bench --dtypes float32,float16 --json "$OUT/cuda_bench.json" \
     --markdown "$OUT/RESULTS_cuda.md" 2>&1 | tail -30
 rc_bench=${PIPESTATUS[0]}
 
 rc_cand=0
 if [ -f "$CARRY/candidates/candidates.json" ]; then
-    timeout 120 "$PY" -m benchmarks.cuda_candidates "$CARRY/candidates" \
+    timeout 60 "$PY" -m benchmarks.cuda_candidates "$CARRY/candidates" \
         --json "$OUT/candidate_timings.json" 2>&1 | tail -60
     rc_cand=${PIPESTATUS[0]}
 fi
