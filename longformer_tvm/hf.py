@@ -22,6 +22,10 @@ It accepts transformers' call (the -10000/0/+10000-style ``attention_mask`` and 
 tuple: ``(attn_output (B, N, E),)``, plus ``attn_probs (B, N, H, G + 2w + 1)`` when
 ``output_attentions``, plus ``global_attn_probs (B, H, G, N)`` when also any token is global.
 
+Results equal transformers' to float32 rounding (the band is computed without transformers'
+padding to a multiple of the window and without its chunked copies). One deliberate difference: a
+float64 model's softmax runs in float64 here, where transformers rounds it through float32.
+
 transformers is an optional dependency (``pip install longformer-tvm[hf]``); it is imported only
 when a function here is called, never by ``import longformer_tvm``.
 """
