@@ -15,6 +15,10 @@ import torch
 
 #: Dtypes the products are defined for (the compiled libraries cover a subset per device).
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Window and dilation travel as int64 (op schema, kernel arguments) and C = 2 * window + 1 must
+#: fit one too. Any dilation past the sequence length gives the same band as N.
+MAX_WINDOW = (2**63 - 2) // 2
+MAX_DILATION = 2**63 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +65,9 @@ def normalize_band(op: str, window, dilation, autoregressive: bool, heads: int) 
     w = _as_int(op, "window", window)
     if w < 0:
         raise ValueError(f"{op}: window must be >= 0 (the number of diagonals on each side), got {w=}")
+    if w > MAX_WINDOW:
+        raise ValueError(f"{op}: window must be <= {MAX_WINDOW} (C = 2*window + 1 columns must fit "
+                         f"in int64), got {w=}")
     if not isinstance(autoregressive, bool):
         raise TypeError(f"{op}: autoregressive must be a bool, got {autoregressive!r}")
     if isinstance(dilation, torch.Tensor):
@@ -88,12 +95,18 @@ def normalize_band(op: str, window, dilation, autoregressive: bool, heads: int) 
     bad = [d for d in dils if d < 1]
     if bad:
         raise ValueError(f"{op}: dilation must be >= 1 for every head, got dilation={list(dils)}")
+    if any(d > MAX_DILATION for d in dils):
+        raise ValueError(f"{op}: dilation must be <= {MAX_DILATION} (int64; any dilation >= seq_len "
+                         f"gives the same band as seq_len), got dilation={list(dils)}")
     return Band(left=w, right=0 if autoregressive else w, dilation=dils)
 
 
 def check_tensor(op: str, name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got {name}.layout={t.layout}; "
+                        f"convert it with {name}.to_dense()")
     if t.dim() != 4:
         raise ValueError(f"{op}: {name} must have 4 dimensions (batch, seq_len, heads, X), "
                          f"got {name}.shape={tuple(t.shape)}")

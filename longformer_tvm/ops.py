@@ -14,12 +14,15 @@ dilation runs one kernel call per maximal run of heads with equal dilation, on s
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from . import _loader, reference
 from ._checks import Band
 
 _LIB = "longformer_tvm"
+logger = logging.getLogger("longformer_tvm")
 
 
 def _band(left: int, right: int, dilation: list[int]) -> Band:
@@ -27,10 +30,29 @@ def _band(left: int, right: int, dilation: list[int]) -> Band:
 
 
 def _prepare(t: torch.Tensor) -> torch.Tensor:
-    """Kernels take any strides with a unit last stride; anything else is copied once."""
-    if t.stride(-1) != 1 or t.storage_offset() < 0:
-        return t.contiguous()
-    return t
+    """Kernels take any strides with a unit last stride; other layouts are copied once.
+
+    A last dimension of size 0 or 1 never steps, so its stride is set to 1 without a copy: torch
+    leaves it 0 in expanded tensors (the gradient of ``out.sum()``) even where ``contiguous()``
+    sees nothing to do. Storage offsets of any alignment and stride-0 (broadcast) outer dimensions
+    are passed as they are.
+    """
+    if t.stride(-1) == 1:
+        return t
+    if t.shape[-1] <= 1:
+        return t.as_strided(t.shape, (*t.stride()[:-1], 1), t.storage_offset())
+    return t.contiguous()
+
+
+def _nonfinite_slab(product: str, b: torch.Tensor) -> bool:
+    """Whether the CPU kernel would spread a non-finite value of ``b`` beyond its band.
+
+    The CPU kernels reduce each tile of rows over a dense slab of v (pv) or x (tpv) rows, with
+    zeros for the band's holes (tvm_kernels/tiled.py); ``0 * inf`` there is NaN in rows whose band
+    never held the inf. One sum answers for every element (any inf or NaN makes it non-finite; a
+    false alarm needs a finite sum past the dtype's range and only costs the slower path).
+    """
+    return product != "qk" and b.device.type == "cpu" and not bool(torch.isfinite(b.sum()))
 
 
 #: A kernel call packs its slab operand (about the size of its head slice of k or v) into a
@@ -72,7 +94,11 @@ def _run(product: str, a: torch.Tensor, b: torch.Tensor, band: Band, out_last: i
     if out.numel() == 0:
         return out
     kernel = _loader.kernel_for(product, a)
-    if kernel is None:  # the reference backend was chosen explicitly (see _loader.backend_info)
+    if kernel is not None and _nonfinite_slab(product, b):
+        logger.info("%s: inf or NaN in its second operand; computing it with the reference "
+                    "products, which keep them to the rows whose band holds them", product)
+        kernel = None
+    if kernel is None:  # the reference backend (explicit, see _loader.backend_info) or the above
         fn = {"qk": reference.band_qk, "pv": reference.band_pv, "tpv": reference.band_pv_transposed}
         args = (a, b, band) if padding is None else (a, b, band, padding)
         out.copy_(fn[product](*args))
