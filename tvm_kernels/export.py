@@ -1,8 +1,11 @@
 """Compile the band products into one shared library per (target, dtype) and record it in a manifest.
 
 The three products of one dtype live in one library (``band_qk``, ``band_pv``,
-``band_pv_transposed``). Files are written to a temporary name and renamed into place; the manifest
-is rewritten under a file lock, so concurrent builds leave one valid library and one valid manifest.
+``band_pv_transposed``). A library is written to a temporary name in its folder, then renamed into
+place and recorded in the manifest in one step under the manifest's file lock
+(:func:`publish_library`), so concurrent builds leave one valid library and one valid manifest, and
+a reader holding that lock always sees a file and an entry that agree (``longformer_tvm._loader``
+looks again under the lock when they do not).
 """
 
 from __future__ import annotations
@@ -89,35 +92,74 @@ def _entry_key(e: dict) -> tuple:
     return (e.get("device"), e.get("dtype"), e.get("isa"), tuple(e.get("archs", ())))
 
 
+def _manifest_lock(out_dir: Path) -> filelock.FileLock:
+    """The lock that guards ``out_dir/manifest.json`` and the files it names."""
+    return filelock.FileLock(str(out_dir / "manifest.json") + ".lock")
+
+
+def _update_manifest_locked(out_dir: Path, entry: dict) -> None:
+    manifest = out_dir / "manifest.json"
+    data = {"format": 1, "libraries": []}
+    if manifest.is_file():
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError):
+            logger.warning("rewriting unreadable manifest %s", manifest)
+    if not isinstance(data, dict) or not isinstance(data.get("libraries"), list):
+        logger.warning("rewriting malformed manifest %s", manifest)
+        data = {"format": 1, "libraries": []}
+    libs = [e for e in data["libraries"] if isinstance(e, dict) and _entry_key(e) != _entry_key(entry)]
+    libs.append(entry)
+    libs.sort(key=lambda e: (str(e.get("device", "")), str(e.get("dtype", "")), str(e.get("isa", ""))))
+    data["libraries"] = libs
+    _atomic_write_text(manifest, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def update_manifest(out_dir: Path, entry: dict) -> None:
     """Insert or replace ``entry`` (same device, dtype, isa/archs) in ``out_dir/manifest.json``."""
-    manifest = out_dir / "manifest.json"
-    with filelock.FileLock(str(manifest) + ".lock"):
-        data = {"format": 1, "libraries": []}
-        if manifest.is_file():
-            try:
-                data = json.loads(manifest.read_text(encoding="utf-8"))
-            except ValueError:
-                logger.warning("rewriting unreadable manifest %s", manifest)
-        libs = [e for e in data.get("libraries", []) if _entry_key(e) != _entry_key(entry)]
-        libs.append(entry)
-        libs.sort(key=lambda e: (e.get("device", ""), e.get("dtype", ""), e.get("isa", "")))
-        data["libraries"] = libs
-        _atomic_write_text(manifest, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    with _manifest_lock(out_dir):
+        _update_manifest_locked(out_dir, entry)
 
 
-def export_library(module, path: Path) -> None:
-    """export_library to a temporary name in the same directory, then rename into place."""
+def _export_temporary(module, path: Path) -> Path:
+    """export_library to a new temporary name beside ``path``, flushed to disk."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".so.tmp")
     os.close(fd)
     try:
         module.export_library(tmp)
         os.chmod(tmp, 0o755)
-        os.replace(tmp, path)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
+
+
+def export_library(module, path: Path) -> None:
+    """export_library to a temporary name in the same directory, then rename into place."""
+    tmp = _export_temporary(module, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def publish_library(module, out_dir: Path, rel: Path, entry: dict) -> dict:
+    """Export ``module`` to ``out_dir/rel`` and record ``entry`` (plus the file's sha256) in the
+    manifest: the rename and the manifest update happen together under the manifest's lock."""
+    tmp = _export_temporary(module, out_dir / rel)
+    try:
+        entry = {**entry, "file": rel.as_posix(), "sha256": sha256_file(tmp)}
+        with _manifest_lock(out_dir):
+            os.replace(tmp, out_dir / rel)
+            _update_manifest_locked(out_dir, entry)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return entry
 
 
 def build_cpu(dtype: str, isa: str, out_dir: Path, schedule: str = "hand",
@@ -129,11 +171,8 @@ def build_cpu(dtype: str, isa: str, out_dir: Path, schedule: str = "hand",
     with lock:
         module = compile_cpu(dtype, target, schedule, traces)
         rel = Path("cpu") / f"band_{isa}_{dtype}.so"
-        export_library(module, out_dir / rel)
         versions = installed_versions()
         entry = {
-            "file": rel.as_posix(),
-            "sha256": sha256_file(out_dir / rel),
             "device": "cpu",
             "isa": isa,
             "target": target.llvm(),
@@ -147,6 +186,6 @@ def build_cpu(dtype: str, isa: str, out_dir: Path, schedule: str = "hand",
             "schedule": schedule_name or schedule,
             "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        update_manifest(out_dir, entry)
+        entry = publish_library(module, out_dir, rel, entry)
     logger.info("built %s (%s, %s schedule)", out_dir / rel, isa, entry["schedule"])
     return entry

@@ -1,0 +1,128 @@
+"""Manifests: reading ``manifest.json`` and checking each entry before anything trusts it.
+
+An entry names a library ``file`` (relative, inside the manifest's folder: never ``..``, an
+absolute path or a symbolic link that leads out), its ``sha256``, ``device``, ``dtype``,
+``functions`` (one symbol per product) and optional lists (``cpu_features``, ``sources``,
+``archs``). A malformed entry is skipped with a warning that names the rule it breaks; an
+unreadable manifest is skipped as a whole. Nothing here loads a library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path, PurePosixPath
+
+logger = logging.getLogger("longformer_tvm")
+
+PRODUCTS = ("qk", "pv", "tpv")
+#: Where entries' ``sources`` live (the checkout: ``tvm_kernels/`` beside the package).
+REPO_DIR = Path(__file__).resolve().parent.parent
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def digest(path: Path) -> str | None:
+    """sha256 of ``path``, None if it cannot be read."""
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class LibraryEntry:
+    """One manifest entry, resolved to a path inside its manifest's ``directory``."""
+
+    path: Path
+    info: dict
+    directory: Path | None = None
+    cached: bool = False  # from the per-user cache (rebuilt when corrupt), not shipped
+
+    @property
+    def device(self) -> str:
+        return self.info["device"]
+
+    @property
+    def dtype(self) -> str:
+        return self.info["dtype"]
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def inside(directory: Path, rel) -> Path | None:
+    """``directory / rel`` if ``rel`` is a relative path that stays inside ``directory`` (after
+    resolving symbolic links), else None."""
+    if not isinstance(rel, str) or not rel or "\0" in rel or "\\" in rel:
+        return None
+    parts = PurePosixPath(rel)
+    if parts.is_absolute() or ".." in parts.parts:
+        return None
+    path = directory / parts
+    try:
+        path.resolve().relative_to(directory.resolve())
+    except (ValueError, OSError, RuntimeError):
+        return None
+    return path
+
+
+def _entry_problem(directory: Path, e) -> str:
+    """Why the manifest entry ``e`` cannot be used as written ('' if it is well formed)."""
+    if not isinstance(e, dict):
+        return f"an entry must be an object, got {type(e).__name__}"
+    for key in ("file", "device", "dtype", "sha256"):
+        if not isinstance(e.get(key), str):
+            return f"{key!r} must be a string, got {e.get(key)!r:.80}"
+    if inside(directory, e["file"]) is None:
+        return f"file={e['file']!r:.200} must be a relative path inside {directory}"
+    if not _SHA256.fullmatch(e["sha256"]):
+        return f"sha256={e['sha256']!r:.80} is not 64 lowercase hex digits"
+    functions = e.get("functions")
+    if not (isinstance(functions, dict) and set(PRODUCTS) <= set(functions)
+            and all(isinstance(v, str) for v in functions.values())):
+        return f"functions={functions!r:.120} must map each of {PRODUCTS} to a symbol name"
+    for key in ("cpu_features", "sources", "archs"):
+        value = e.get(key, [])
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            return f"{key}={value!r:.120} must be a list of strings"
+    if any(inside(REPO_DIR, src) is None for src in e.get("sources", [])):
+        return f"sources={e['sources']!r:.200} must be paths inside the repository"
+    for key in ("isa", "tvm_version", "tvm_ffi_version", "source_hash", "ptx_arch"):
+        if key in e and not isinstance(e[key], (str, type(None))):
+            return f"{key}={e[key]!r:.80} must be a string"
+    return ""
+
+
+def read_manifest(directory: Path, cached: bool = False) -> list[LibraryEntry]:
+    """The well-formed entries of ``directory/manifest.json`` ([] if there is none or it is
+    unreadable); each malformed entry is skipped with a warning that says why."""
+    path = directory / "manifest.json"
+    try:
+        if not path.is_file():
+            return []
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        logger.warning("ignoring unreadable manifest %s: %s", path, exc)
+        return []
+    libraries = data.get("libraries") if isinstance(data, dict) else None
+    if not isinstance(libraries, list):
+        logger.warning("ignoring manifest %s: it must be an object with a list 'libraries'", path)
+        return []
+    out = []
+    for i, e in enumerate(libraries):
+        problem = _entry_problem(directory, e)
+        if problem:
+            logger.warning("ignoring entry %d of %s: %s", i, path, problem)
+            continue
+        out.append(LibraryEntry(inside(directory, e["file"]), e, directory, cached))
+    return out

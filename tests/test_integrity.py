@@ -1,0 +1,269 @@
+"""Loading a shared library runs its code: what the loader checks before it does.
+
+Each test works on a private copy of one shipped float64 library (the one this machine would
+load) in a temporary prebuilt folder, with an empty cache, no compiler and a fresh registry, and
+counts the libraries actually handed to the TVM runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import filelock
+import pytest
+import torch
+import tvm_ffi
+
+import longformer_tvm as lt
+from longformer_tvm import _loader, reference
+from longformer_tvm._checks import normalize_band
+
+
+def _shipped_entry(dtype: str = "float64") -> _loader.LibraryEntry:
+    shipped = _loader.prebuilt_dirs()
+    usable = [e for e, reason in _loader.REGISTRY.candidates("cpu", dtype)
+              if not reason and e.path.parent.parent in shipped]
+    assert usable, f"no shipped cpu {dtype} library runs here: {_loader.REGISTRY.candidates('cpu', dtype)}"
+    rank = list(_loader.CPU_ISAS)
+    return min(usable, key=lambda e: rank.index(e.info["isa"]))
+
+
+class Lab:
+    """A temporary prebuilt folder holding one good library, and the registry that reads it."""
+
+    def __init__(self, root: Path, monkeypatch):
+        self.root = root
+        self.prebuilt = root / "prebuilt"
+        self.cache = root / "cache"
+        entry = _shipped_entry()
+        self.rel = entry.info["file"]
+        self.lib = self.prebuilt / self.rel
+        self.lib.parent.mkdir(parents=True)
+        shutil.copyfile(entry.path, self.lib)
+        self.good = self.lib.read_bytes()
+        self.entry = dict(entry.info)
+        self.write_manifest([self.entry])
+        self.registry = _loader._Registry()
+        self.loads: list[str] = []
+        real_load = tvm_ffi.load_module
+
+        def counting_load(path, *args, **kwargs):
+            self.loads.append(str(path))
+            return real_load(path, *args, **kwargs)
+
+        monkeypatch.setattr(tvm_ffi, "load_module", counting_load)
+        monkeypatch.setattr(_loader, "REGISTRY", self.registry)
+        monkeypatch.setattr(_loader, "prebuilt_dirs", lambda: [self.prebuilt])
+        monkeypatch.setattr(_loader, "compiler_available", lambda: False)
+        monkeypatch.setenv("LONGFORMER_TVM_CACHE", str(self.cache))
+
+    def write_manifest(self, libraries, directory: Path | None = None) -> None:
+        directory = directory or self.prebuilt
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "manifest.json").write_text(json.dumps({"format": 1, "libraries": libraries}))
+
+    def entry_for(self, **changes) -> dict:
+        return {**self.entry, **changes}
+
+
+@pytest.fixture
+def lab(tmp_path, monkeypatch):
+    return Lab(tmp_path, monkeypatch)
+
+
+def _qk():
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 40, 3, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    got = lt.sliding_window_qk(q, k, 4, [1, 2, 3])
+    torch.testing.assert_close(got, reference.band_qk(q, k, normalize_band("t", 4, [1, 2, 3], False, 3)))
+
+
+def test_an_intact_copy_verifies_loads_once_and_computes(lab):
+    _qk()
+    _qk()
+    assert lab.loads == [str(lab.lib)]
+
+
+TAMPERINGS = {
+    "one byte flipped": lambda good: good[:4000] + bytes([good[4000] ^ 0x40]) + good[4001:],
+    "truncated": lambda good: good[: len(good) // 2],
+    "empty": lambda good: b"",
+    "bytes appended": lambda good: good + b"\0" * 64,
+}
+
+
+@pytest.mark.parametrize("tamper", list(TAMPERINGS))
+def test_a_tampered_shipped_library_is_refused_before_loading(lab, tamper):
+    lab.lib.write_bytes(TAMPERINGS[tamper](lab.good))
+    with pytest.raises(lt.KernelIntegrityError) as info:
+        _qk()
+    message = str(info.value)
+    assert str(lab.lib) in message and "sha256" in message and lab.entry["sha256"] in message
+    assert "reinstall longformer-tvm" in message and "build_kernels.py build" in message
+    assert lab.loads == []
+
+
+@pytest.mark.parametrize("key,text", [("tvm_version", "built with TVM 0.0.1"),
+                                      ("tvm_ffi_version", "built with tvm-ffi 0.0.1")])
+def test_a_library_of_another_tvm_or_ffi_version_is_refused(lab, key, text):
+    lab.write_manifest([lab.entry_for(**{key: "0.0.1"})])
+    with pytest.raises(lt.KernelNotAvailableError) as info:
+        _qk()
+    assert text in str(info.value) and "build_kernels.py build" in str(info.value)
+    assert lab.loads == []
+
+
+def test_a_library_for_another_architecture_is_refused(lab):
+    target = {**lab.entry.get("target", {}), "mtriple": "aarch64-linux-gnu"}
+    lab.write_manifest([lab.entry_for(target=target, cpu_features=[])])
+    with pytest.raises(lt.KernelNotAvailableError, match="built for aarch64-linux-gnu"):
+        _qk()
+    assert lab.loads == []
+
+
+def _escape(lab, how: str) -> str:
+    """A valid library outside the prebuilt folder, named by the manifest in one of several ways."""
+    outside = lab.root / "elsewhere" / "evil.so"
+    outside.parent.mkdir()
+    outside.write_bytes(lab.good)
+    if how == "symlink":
+        (lab.prebuilt / "cpu" / "link.so").symlink_to(outside)
+        return "cpu/link.so"
+    if how == "symlinked folder":
+        (lab.prebuilt / "sub").symlink_to(outside.parent)
+        return "sub/evil.so"
+    return {"parent": "../elsewhere/evil.so", "nested parent": "cpu/../../elsewhere/evil.so",
+            "absolute": str(outside), "backslashes": "..\\elsewhere\\evil.so"}[how]
+
+
+@pytest.mark.parametrize("how", ["parent", "nested parent", "absolute", "backslashes", "symlink",
+                                 "symlinked folder"])
+def test_a_file_outside_its_manifests_folder_is_refused(lab, how, caplog):
+    lab.lib.unlink()
+    lab.write_manifest([lab.entry_for(file=_escape(lab, how))])
+    with caplog.at_level(logging.WARNING, logger="longformer_tvm"):
+        with pytest.raises(lt.KernelNotAvailableError):
+            _qk()
+    assert lab.loads == []
+    assert "must be a relative path inside" in caplog.text
+
+
+MALFORMED_MANIFESTS = {
+    "not json": b"{\"libraries\": [",
+    "binary": bytes(range(256)),
+    "empty": b"",
+    "a list": b"[]",
+    "libraries not a list": b'{"libraries": "cpu/x.so"}',
+    "deeply nested": b"[" * 100_000 + b"]" * 100_000,
+    "null": b"null",
+}
+
+
+@pytest.mark.parametrize("text", list(MALFORMED_MANIFESTS))
+def test_a_malformed_manifest_is_skipped_and_the_next_folder_serves(lab, monkeypatch, text, caplog):
+    good = lab.root / "second"
+    shutil.copytree(lab.prebuilt, good)
+    (lab.prebuilt / "manifest.json").write_bytes(MALFORMED_MANIFESTS[text])
+    monkeypatch.setattr(_loader, "prebuilt_dirs", lambda: [lab.prebuilt, good])
+    with caplog.at_level(logging.WARNING, logger="longformer_tvm"):
+        _qk()
+        info = lt.backend_info()
+    assert lab.loads == [str(good / lab.rel)]
+    assert [c["usable"] for c in info["available"]["cpu/float64"]] == [True]
+    assert str(lab.prebuilt / "manifest.json") in caplog.text
+
+
+def test_a_manifest_that_is_a_folder_is_no_manifest(lab, monkeypatch):
+    (lab.prebuilt / "manifest.json").unlink()
+    (lab.prebuilt / "manifest.json").mkdir()
+    with pytest.raises(lt.KernelNotAvailableError, match="no library for this device"):
+        _qk()
+
+
+DROP = object()
+MALFORMED_ENTRIES = {  # a dict is a change to a good entry (DROP removes the key); else the entry
+    "a string": "cpu/x.so",
+    "null": None,
+    "without file": {"file": DROP},
+    "file a number": {"file": 7},
+    "without sha256": {"sha256": DROP},
+    "sha256 not hex": {"sha256": "Z" * 64},
+    "functions a list": {"functions": ["band_qk", "band_pv", "band_pv_transposed"]},
+    "functions lacking tpv": {"functions": {"qk": "band_qk", "pv": "band_pv"}},
+    "cpu_features a number": {"cpu_features": 3},
+    "cpu_features a string": {"cpu_features": "avx2"},
+    "sources outside the repository": {"sources": ["../../etc/passwd"]},
+    "isa a list": {"isa": ["avx2"]},
+}
+
+
+def test_malformed_entries_are_skipped_one_by_one(lab, caplog):
+    bad = [e if not isinstance(e, dict) else
+           {k: v for k, v in lab.entry_for(**e).items() if v is not DROP}
+           for e in MALFORMED_ENTRIES.values()]
+    lab.write_manifest([*bad, lab.entry])
+    with caplog.at_level(logging.WARNING, logger="longformer_tvm"):
+        _qk()
+    assert lab.loads == [str(lab.lib)]
+    skipped = [r for r in caplog.records if "ignoring entry" in r.getMessage()]
+    assert len(skipped) == len(MALFORMED_ENTRIES), caplog.text
+
+
+def test_import_and_calls_survive_a_malformed_cache_manifest(tmp_path):
+    (tmp_path / "manifest.json").write_bytes(b"[" * 100_000)
+    (tmp_path / "v1-junk").mkdir()
+    (tmp_path / "v1-junk" / "manifest.json").write_text('{"libraries": [{"file": "/etc/passwd"}]}')
+    code = ("import torch, longformer_tvm as lt; lt.backend_info(); "
+            "print(lt.sliding_window_qk(torch.ones(1, 4, 1, 2), torch.ones(1, 4, 1, 2), 1).sum().item())")
+    env = {**os.environ, "LONGFORMER_TVM_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-1] == "20.0"
+
+
+def test_a_file_that_matches_its_sha256_but_is_no_library_is_an_error(lab):
+    lab.lib.write_bytes(b"#!/bin/sh\necho not a library\n")
+    lab.write_manifest([lab.entry_for(sha256=_loader.sha256_file(lab.lib))])
+    with pytest.raises(lt.KernelIntegrityError, match="matches its sha256 but did not load"):
+        _qk()
+
+
+def test_a_library_without_the_named_functions_is_an_error(lab):
+    lab.write_manifest([lab.entry_for(functions={"qk": "band_qk", "pv": "band_pv", "tpv": "no_such"})])
+    with pytest.raises(lt.KernelIntegrityError, match="lacks a function"):
+        _qk()
+
+
+def test_a_reader_racing_a_rebuild_waits_for_the_manifest_and_loads_the_new_file(lab):
+    """A writer renames the new file into place, then records its sha256, under the manifest lock
+    (tvm_kernels.export.publish_library); a reader in between must wait, not cry corruption."""
+    new = lab.good + b"\0" * 64  # a different, equally loadable file
+    lock = filelock.FileLock(str(lab.prebuilt / "manifest.json.lock"))
+    errors: list[BaseException] = []
+
+    def first_call():
+        try:
+            _qk()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    with lock:
+        tmp = lab.lib.with_suffix(".tmp")
+        tmp.write_bytes(new)
+        os.replace(tmp, lab.lib)
+        reader = threading.Thread(target=first_call)
+        reader.start()
+        time.sleep(1.0)
+        assert reader.is_alive() and not errors, errors
+        lab.write_manifest([lab.entry_for(sha256=_loader.sha256_file(lab.lib))])
+    reader.join(timeout=60)
+    assert not errors, errors
+    assert lab.loads == [str(lab.lib)]
