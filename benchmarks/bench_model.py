@@ -47,7 +47,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def worker(args) -> dict:
+def _model_and_inputs(args):
     import torch
     from transformers import LongformerConfig, LongformerModel
 
@@ -63,6 +63,37 @@ def worker(args) -> dict:
                   attention_mask=torch.ones(bsz, n, dtype=torch.long),
                   global_attention_mask=torch.zeros(bsz, n, dtype=torch.long))
     inputs["global_attention_mask"][:, : args.globals] = 1
+    short = {k: v[:, : min(n, 2 * args.attention_window)] for k, v in inputs.items()}
+    return model, inputs, short
+
+
+def paired_worker(args) -> dict:
+    """One process, one model: forwards alternate between the two attentions (time only)."""
+    import torch
+
+    from longformer_tvm.hf import restore_hf_attention, use_tvm_attention
+
+    model, inputs, short = _model_and_inputs(args)
+    times = {impl: [] for impl in IMPLS}
+    with torch.inference_mode():
+        for impl in IMPLS:
+            (use_tvm_attention if impl == "longformer_tvm" else restore_hf_attention)(model)
+            model(**short)
+        for _ in range(args.warmup + args.repeat):
+            for impl in IMPLS:
+                (use_tvm_attention if impl == "longformer_tvm" else restore_hf_attention)(model)
+                start = time.perf_counter()
+                model(**inputs)
+                times[impl].append(time.perf_counter() - start)
+    times = {k: v[args.warmup:] for k, v in times.items()}
+    ratios = [a / b for a, b in zip(times["transformers"], times["longformer_tvm"])]
+    return dict(times=times, pair_ratios=ratios, median_ratio=statistics.median(ratios))
+
+
+def worker(args) -> dict:
+    import torch
+
+    model, inputs, short = _model_and_inputs(args)
     info = {}
     if args.impl == "longformer_tvm":
         import longformer_tvm
@@ -72,7 +103,6 @@ def worker(args) -> dict:
         info["backend"] = longformer_tvm.backend_info()["mode"]
 
     with torch.inference_mode():
-        short = {k: v[:, : min(n, 2 * args.attention_window)] for k, v in inputs.items()}
         model(**short)  # loads kernels, warms the allocator; small, so it does not set the peak
         for _ in range(args.warmup):
             model(**inputs)
@@ -143,15 +173,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    parser.add_argument("--paired", action="store_true",
+                        help="also time both attentions alternately in one process (robust to a "
+                             "changing machine load) and report the median per-pair speed-up")
+    parser.add_argument("--worker", choices=(*IMPLS, "paired"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
         args.impl = args.worker
-        print(json.dumps(worker(args)))
+        print(json.dumps(paired_worker(args) if args.worker == "paired" else worker(args)))
         return
 
-    forwarded = _strip(sys.argv[1:], ("--json", "--rounds"))
+    forwarded = _strip(sys.argv[1:], ("--json", "--rounds", "--paired"))
     runs = {impl: [] for impl in args.impls}
     for _ in range(args.rounds):  # alternate, so a change in machine load hits both alike
         for impl in args.impls:
@@ -161,6 +194,13 @@ def main() -> None:
                 sys.exit(f"{impl} run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
             runs[impl].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     results = {impl: _merge(r) for impl, r in runs.items()}
+    paired = None
+    if args.paired:
+        cmd = [sys.executable, os.path.abspath(__file__), *forwarded, "--worker", "paired"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"paired run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        paired = json.loads(proc.stdout.strip().splitlines()[-1])
 
     print(f"LongformerModel base size: {args.layers} layers, N={args.seq_len}, batch {args.batch}, "
           f"attention_window {args.attention_window}, {args.globals} global token(s), forward only, "
@@ -175,9 +215,14 @@ def main() -> None:
         hf, ours = results["transformers"], results["longformer_tvm"]
         print(f"speed-up (transformers / longformer_tvm, median): {hf['median_s'] / ours['median_s']:.2f}x")
         print(f"peak RSS ratio (longformer_tvm / transformers): {ours['peak_rss_mib'] / hf['peak_rss_mib']:.3f}")
+    if paired is not None:
+        t = {k: statistics.median(v) for k, v in paired["times"].items()}
+        print(f"paired (alternating in one process): transformers {t['transformers']:.2f} s, "
+              f"longformer_tvm {t['longformer_tvm']:.2f} s, median per-pair speed-up "
+              f"{paired['median_ratio']:.2f}x")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
+            json.dump({"args": vars(args), "results": results, "paired": paired}, f, indent=2)
 
 
 if __name__ == "__main__":
