@@ -27,13 +27,23 @@ from longformer_tvm import _loader, reference
 from longformer_tvm._checks import normalize_band
 
 
-def _shipped_entry(dtype: str = "float64") -> _loader.LibraryEntry:
-    shipped = _loader.prebuilt_dirs()
-    usable = [e for e, reason in _loader.REGISTRY.candidates("cpu", dtype)
-              if not reason and e.path.parent.parent in shipped]
-    assert usable, f"no shipped cpu {dtype} library runs here: {_loader.REGISTRY.candidates('cpu', dtype)}"
+def runnable_library(dtype: str) -> tuple[Path, dict]:
+    """A shipped cpu library of ``dtype`` that runs here, best ISA first, and its manifest entry
+    without ``sources``: these tests are about files and manifests, so a library whose sources
+    were edited since it was built (stale, which the real loader refuses) serves as well."""
+    features, versions = _loader.host_cpu_features(), _loader.installed_versions()
     rank = list(_loader.CPU_ISAS)
-    return min(usable, key=lambda e: rank.index(e.info["isa"]))
+    found = []
+    for directory in _loader.prebuilt_dirs():
+        for e in _loader.read_manifest(directory):
+            info = {k: v for k, v in e.info.items() if k not in ("sources", "source_hash")}
+            entry = _loader.LibraryEntry(e.path, info, directory)
+            if info["device"] == "cpu" and info["dtype"] == dtype and not _loader._Registry._unusable(
+                    entry, features, versions):
+                found.append((rank.index(info["isa"]) if info["isa"] in rank else len(rank), e.path, info))
+    assert found, f"no shipped cpu {dtype} library runs here (prebuilt/manifest.json)"
+    _, path, info = min(found, key=lambda f: f[0])
+    return path, info
 
 
 class Lab:
@@ -43,13 +53,12 @@ class Lab:
         self.root = root
         self.prebuilt = root / "prebuilt"
         self.cache = root / "cache"
-        entry = _shipped_entry()
-        self.rel = entry.info["file"]
+        source, self.entry = runnable_library("float64")
+        self.rel = self.entry["file"]
         self.lib = self.prebuilt / self.rel
         self.lib.parent.mkdir(parents=True)
-        shutil.copyfile(entry.path, self.lib)
+        shutil.copyfile(source, self.lib)
         self.good = self.lib.read_bytes()
-        self.entry = dict(entry.info)
         self.write_manifest([self.entry])
         self.registry = _loader._Registry()
         self.loads: list[str] = []

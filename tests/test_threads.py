@@ -3,6 +3,8 @@ Python threads at once (each with its own TVM CPU thread pool) give the single-t
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,15 +17,28 @@ import longformer_tvm as lt
 from longformer_tvm import _loader, _manifest, reference
 from longformer_tvm._checks import normalize_band
 
+from .test_integrity import runnable_library
+
 THREADS = 8
 
 
 @pytest.fixture
-def fresh_registry(monkeypatch):
-    """A registry that has loaded nothing; counts verifications and loads (each made slow, so
-    that threads arriving together overlap inside them)."""
+def fresh_registry(monkeypatch, tmp_path):
+    """A registry that has loaded nothing, over private copies of the shipped float32 and float64
+    libraries; counts verifications and loads (each made slow, so that threads arriving together
+    overlap inside them)."""
+    entries = []
+    for dtype in ("float32", "float64"):
+        source, entry = runnable_library(dtype)
+        (tmp_path / entry["file"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, tmp_path / entry["file"])
+        entries.append(entry)
+    (tmp_path / "manifest.json").write_text(json.dumps({"libraries": entries}))
     registry = _loader._Registry()
     monkeypatch.setattr(_loader, "REGISTRY", registry)
+    monkeypatch.setattr(_loader, "prebuilt_dirs", lambda: [tmp_path])
+    monkeypatch.setattr(_loader, "compiler_available", lambda: False)
+    monkeypatch.setenv("LONGFORMER_TVM_CACHE", str(tmp_path / "cache"))
     counts = {"sha256": [], "load": []}
     real_sha, real_load = _manifest.sha256_file, tvm_ffi.load_module
 
@@ -92,7 +107,7 @@ def _run_case(case, seed):
     return fn()
 
 
-def test_kernel_calls_from_several_threads_at_once_match_single_threaded_results():
+def test_kernel_calls_from_several_threads_at_once_match_single_threaded_results(fresh_registry):
     expected = [_run_case(case, seed) for seed, case in enumerate(CASES)]
     barrier = threading.Barrier(4)
 
@@ -111,7 +126,7 @@ def test_kernel_calls_from_several_threads_at_once_match_single_threaded_results
     assert not wrong, wrong
 
 
-def test_autograd_in_several_threads_at_once():
+def test_autograd_in_several_threads_at_once(fresh_registry):
     def train_step(seed):
         g = torch.Generator().manual_seed(seed)
         q, k, v = (torch.randn(1, 200, 2, 8, generator=g, dtype=torch.float64, requires_grad=True)
