@@ -126,15 +126,15 @@ def worker(args) -> dict:
                 peak_is_forward_only=reset, threads=torch.get_num_threads(), **info)
 
 
-def _strip(argv: list[str], options: tuple[str, ...]) -> list[str]:
-    """argv without the given options and their values (``--opt v`` or ``--opt=v``)."""
+def _strip(argv: list[str], options: tuple[str, ...], flags: tuple[str, ...] = ()) -> list[str]:
+    """argv without the given valued options (``--opt v`` or ``--opt=v``) and flags."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
         elif a in options:
             skip = True
-        elif not a.startswith(tuple(o + "=" for o in options)):
+        elif a not in flags and not a.startswith(tuple(o + "=" for o in options)):
             out.append(a)
     return out
 
@@ -184,7 +184,7 @@ def main() -> None:
         print(json.dumps(paired_worker(args) if args.worker == "paired" else worker(args)))
         return
 
-    forwarded = _strip(sys.argv[1:], ("--json", "--rounds", "--paired"))
+    forwarded = _strip(sys.argv[1:], ("--json", "--rounds"), ("--paired",))
     runs = {impl: [] for impl in args.impls}
     for _ in range(args.rounds):  # alternate, so a change in machine load hits both alike
         for impl in args.impls:
