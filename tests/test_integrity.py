@@ -227,15 +227,26 @@ def test_malformed_entries_are_skipped_one_by_one(lab, caplog):
 
 
 def test_import_and_calls_survive_a_malformed_cache_manifest(tmp_path):
-    (tmp_path / "manifest.json").write_bytes(b"[" * 100_000)
-    (tmp_path / "v1-junk").mkdir()
-    (tmp_path / "v1-junk" / "manifest.json").write_text('{"libraries": [{"file": "/etc/passwd"}]}')
-    code = ("import torch, longformer_tvm as lt; lt.backend_info(); "
+    source, entry = runnable_library("float32")
+    shipped = tmp_path / "shipped"
+    (shipped / entry["file"]).parent.mkdir(parents=True)
+    shutil.copyfile(source, shipped / entry["file"])
+    (shipped / "manifest.json").write_text(json.dumps({"libraries": [entry]}))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_bytes(b"[" * 100_000)
+    keyed = cache / _loader.cache_library_dir().name  # this installation's cache folder
+    keyed.mkdir()
+    (keyed / "manifest.json").write_text('{"libraries": [{"file": "/etc/passwd"}]}')
+    code = ("import pathlib, torch, longformer_tvm as lt; from longformer_tvm import _loader; "
+            f"_loader.prebuilt_dirs = lambda: [pathlib.Path({str(shipped)!r})]; "
+            "_loader.compiler_available = lambda: False; lt.backend_info(); "
             "print(lt.sliding_window_qk(torch.ones(1, 4, 1, 2), torch.ones(1, 4, 1, 2), 1).sum().item())")
-    env = {**os.environ, "LONGFORMER_TVM_CACHE": str(tmp_path)}
+    env = {**os.environ, "LONGFORMER_TVM_CACHE": str(cache)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[-1] == "20.0"
+    assert "ignoring unreadable manifest" in out.stderr and "ignoring entry 0" in out.stderr
 
 
 def test_a_file_that_matches_its_sha256_but_is_no_library_is_an_error(lab):
