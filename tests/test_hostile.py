@@ -172,6 +172,9 @@ def _layouts(dtype):
         "(B,H,N,D) storage": (r(b, h, n, c).transpose(1, 2), r(h, b, n, d).permute(1, 2, 0, 3)),
         "a is b": (lambda t: (t, t))(r(b, n, h, d)),
         "overlapping views of one buffer": (shared[..., :d], shared[..., 2:]),
+        "rows overlapping in memory (stride 1 along N)": (
+            r(b * h * c + n).as_strided((b, n, h, c), (h * c, 1, c, 1)),
+            r(b * h * d + n).as_strided((b, n, h, d), (h * d, 1, d, 1))),
         "last stride 2 (copied)": (r(b, n, h, 2 * c)[..., ::2], r(b, n, h, d)),
     }
 
