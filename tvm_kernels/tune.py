@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import meta_schedule as ms
 from tvm.ir.utils import derived_object
 
-from .export import PRODUCTS, tiled_func
+from .export import PRODUCTS, scheduled_func, tiled_func
 from .schedules import cpu as cpu_sched
 from .targets import CPU_TARGETS
 
@@ -29,7 +28,6 @@ logger = logging.getLogger("tvm_kernels")
 
 #: (B, N, H, D, w, dilation): the paper's and the benchmarks' shape.
 TUNING_SHAPE = (1, 4096, 12, 64, 256, 1)
-_REPO = Path(__file__).resolve().parent.parent
 
 
 def db_dir(root: Path, isa: str, dtype: str) -> Path:
@@ -66,13 +64,84 @@ def _space(product: str, lanes: int):
     return ms.space_generator.ScheduleFn(schedule, sch_rules=[], postprocs=[], mutator_probs={})
 
 
-def build_candidate(mod, target, _params):
-    """MetaSchedule's f_build without its 44 s tensor-intrinsic import (see DEVELOPERS.md)."""
-    from tvm.driver import build as tvm_build
-    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+@derived_object
+class _SymbolicBuilder(ms.builder.PyBuilder):
+    """Builds what will ship: the *symbolic* product with the candidate's knob values.
 
-    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    return tvm_build(mod, target=target)
+    MetaSchedule hands over the candidate scheduled at the tuning shape; compiled with constant
+    shapes, LLVM would optimise it differently from the library ``build`` makes. The knob values
+    are read back from the candidate's annotations and applied to the symbolic function.
+    """
+
+    def __init__(self, dtype: str, target, workdir: str):
+        self.dtype, self.target, self.workdir = dtype, target, workdir
+
+    def build(self, build_inputs):
+        results = []
+        for inp in build_inputs:
+            func = inp.mod["main"]
+            product = {v: k for k, v in PRODUCTS.items()}[str(func.attrs["global_symbol"])]
+            try:
+                knobs = cpu_sched.knobs_in(func)
+                built = scheduled_func(product, self.dtype, self.target, knobs=knobs)
+                # MetaSchedule removes each artifact's folder once it has run
+                path = os.path.join(tempfile.mkdtemp(dir=self.workdir), f"candidate_{product}.so")
+                tvm.compile(tvm.IRModule({PRODUCTS[product]: built}),
+                            target=self.target.llvm()).export_library(path)
+                results.append(ms.builder.BuilderResult(path, None))
+            except Exception as exc:  # a candidate that does not build is a result, not a crash
+                results.append(ms.builder.BuilderResult(None, f"{type(exc).__name__}: {exc}"))
+        return results
+
+
+@derived_object
+class _Done(ms.runner.PyRunnerFuture):
+    def __init__(self, result):
+        self.res = result
+
+    def done(self) -> bool:
+        return True
+
+    def result(self):
+        return self.res
+
+
+@derived_object
+class _InProcessRunner(ms.runner.PyRunner):
+    """Times a built candidate the way the package calls it: torch tensors at TUNING_SHAPE."""
+
+    def __init__(self, product: str, dtype: str, repeats: int = 7):
+        import torch
+
+        b, n, h, d, w, dil = TUNING_SHAPE
+        c = 2 * w + 1
+        dt = getattr(torch, dtype)
+        g = torch.Generator().manual_seed(0)
+        mk = lambda last: torch.randn(b, n, h, last, generator=g).to(dt)  # noqa: E731
+        first = mk(d) if product == "qk" else mk(c)
+        self.args = (first, mk(d), mk(c if product == "qk" else d), w, w, dil) + (
+            (0.0,) if product == "qk" else ())
+        self.symbol, self.repeats = PRODUCTS[product], repeats
+
+    def run(self, runner_inputs):
+        import time
+
+        import tvm_ffi
+
+        futures = []
+        for inp in runner_inputs:
+            try:
+                fn = tvm_ffi.load_module(inp.artifact_path)[self.symbol]
+                fn(*self.args)  # warm up: workspace pool, caches
+                secs = []
+                for _ in range(self.repeats):
+                    t0 = time.perf_counter()
+                    fn(*self.args)
+                    secs.append(time.perf_counter() - t0)
+                futures.append(_Done(ms.runner.RunnerResult(secs, None)))
+            except Exception as exc:
+                futures.append(_Done(ms.runner.RunnerResult(None, f"{type(exc).__name__}: {exc}")))
+        return futures
 
 
 @derived_object
@@ -112,9 +181,9 @@ def tune_cpu(isa: str, dtype: str, trials: int, seed: int, db_root: Path,
     database = ms.database.JSONDatabase(str(out / "database_workload.json"),
                                         str(out / "database_tuning_record.json"),
                                         module_equality="structural")
-    # builder workers unpickle build_candidate by module name
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(_REPO), os.environ.get("PYTHONPATH", "")])
     ncores = os.cpu_count() or 1
+    # TVM's thread pool sizes itself from this when first used (its default is half the CPUs)
+    os.environ.setdefault("TVM_NUM_THREADS", str(ncores))
     for product in products:
         func = specialize(tiled_func(product, dtype, target.lanes(dtype)), product, dtype)
         func = func.with_attr("global_symbol", PRODUCTS[product])
@@ -124,12 +193,8 @@ def tune_cpu(isa: str, dtype: str, trials: int, seed: int, db_root: Path,
                 tvm.IRModule({"main": func}), tvm.target.Target(target.llvm(ncores)), work,
                 max_trials_global=trials, num_trials_per_iter=min(trials, 8),
                 space=_space(product, target.lanes(dtype)), strategy="replay-trace",
-                builder=ms.builder.LocalBuilder(f_build=build_candidate, timeout_sec=300,
-                                                max_workers=1),
-                runner=ms.runner.LocalRunner(
-                    timeout_sec=60,
-                    evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1,
-                                                               min_repeat_ms=50)),
+                builder=_SymbolicBuilder(dtype, target, tempfile.mkdtemp(dir=work)),
+                runner=_InProcessRunner(product, dtype),
                 database=database, cost_model="random",
                 measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
                                    progress],
@@ -154,7 +219,7 @@ def best_records(path: Path) -> dict:
     for record in database.get_all_tuning_records():
         if not record.run_secs:
             continue
-        secs = sum(float(s) for s in record.run_secs) / len(record.run_secs)
+        secs = min(float(s) for s in record.run_secs)  # the least disturbed repeat
         func = record.workload.mod["main"]
         product = symbol_to_product.get(str(func.attrs.get("global_symbol", "")))
         if product is None or secs >= 1e9:
@@ -196,6 +261,3 @@ def load_traces(isa: str, dtype: str, db_root: Path) -> dict:
     """{product: trace} from the saved database; empty when there is none for (isa, dtype)."""
     return {p: t for p, (t, _) in best_records(db_dir(db_root, isa, dtype)).items()}
 
-
-if __name__ == "__main__":  # pragma: no cover - convenience
-    sys.exit("use: python build_kernels.py tune")

@@ -38,12 +38,41 @@ def hand_knobs(product: str, isa: str) -> dict:
     return dict(HAND[32 if isa == "avx512" else 16][product])
 
 
-def _knob(sch: s_tir.Schedule, product: str, knobs: dict, name: str):
+KNOB_PREFIX = "lftvm_knob_"
+
+
+def _knob(sch: s_tir.Schedule, product: str, knobs: dict, name: str, block):
+    """A knob's value (fixed, or sampled from SPACE), also recorded as an annotation on ``block``
+    so a build from the scheduled module knows the knobs it was made with."""
     value = knobs.get(name)
-    if value is not None:
-        return value
-    cands = SPACE[product][name]
-    return sch.sample_categorical(candidates=cands, probs=[1.0 / len(cands)] * len(cands))
+    if value is None:
+        cands = SPACE[product][name]
+        value = sch.sample_categorical(candidates=cands, probs=[1.0 / len(cands)] * len(cands))
+    sch.annotate(block, KNOB_PREFIX + name, value)
+    return value
+
+
+def knobs_in(func) -> dict:
+    """The knob annotations of a scheduled product: {name: value}."""
+    found: dict = {}
+    stack = [func.body]
+    while stack:
+        node = stack.pop()
+        if node is None:
+            continue
+        annotations = getattr(node, "annotations", None)
+        if annotations is not None and hasattr(node, "iter_vars"):  # a block
+            for key, val in annotations.items():
+                if str(key).startswith(KNOB_PREFIX):
+                    found[str(key)[len(KNOB_PREFIX):]] = int(val)
+        for field in ("body", "block", "then_case", "else_case", "init"):
+            child = getattr(node, field, None)
+            if child is not None and not isinstance(child, (int, float, str)):
+                stack.append(child)
+        seq = getattr(node, "seq", None)
+        if seq is not None:
+            stack.extend(seq)
+    return found
 
 
 def schedule_qk(sch: s_tir.Schedule, knobs: dict) -> None:
@@ -51,8 +80,8 @@ def schedule_qk(sch: s_tir.Schedule, knobs: dict) -> None:
     s_blk, pack_blk = sch.get_sblock("S"), sch.get_sblock("pack")
     tiles = sch.fuse(*sch.get_loops(sch.get_sblock("S_tile")))
     ii, qo, qi, k = sch.get_loops(s_blk)
-    qoo, qoi = sch.split(qo, [None, _knob(sch, "qk", knobs, "panels")])
-    iio, iii = sch.split(ii, [None, _knob(sch, "qk", knobs, "rows")])
+    qoo, qoi = sch.split(qo, [None, _knob(sch, "qk", knobs, "panels", s_blk)])
+    iio, iii = sch.split(ii, [None, _knob(sch, "qk", knobs, "rows", s_blk)])
     sch.reorder(qoo, iio, k, iii, qoi, qi)
     acc = sch.cache_write(s_blk, 0, "local")
     sch.reverse_compute_at(acc, iio, preserve_unit_loops=True)
@@ -75,8 +104,8 @@ def schedule_pv(sch: s_tir.Schedule, knobs: dict, v: int, transposed: bool = Fal
     tiles = sch.fuse(*sch.get_loops(sch.get_sblock("acc_tile")))
     ii, k, q = sch.get_loops(acc_blk)
     product = "tpv" if transposed else "pv"
-    ko, kv, kl = sch.split(k, [None, _knob(sch, product, knobs, "vecs"), v])
-    iio, iii = sch.split(ii, [None, _knob(sch, product, knobs, "rows")])
+    ko, kv, kl = sch.split(k, [None, _knob(sch, product, knobs, "vecs", acc_blk), v])
+    iio, iii = sch.split(ii, [None, _knob(sch, product, knobs, "rows", acc_blk)])
     sch.reorder(ko, iio, q, iii, kv, kl)
     acc = sch.cache_write(acc_blk, 0, "local")
     sch.reverse_compute_at(acc, iio, preserve_unit_loops=True)
