@@ -120,7 +120,9 @@ def check_pair(op: str, names: tuple[str, str], a: torch.Tensor, b: torch.Tensor
     n1, n2 = names
     check_tensor(op, n1, a)
     check_tensor(op, n2, b)
-    if a.dtype != b.dtype:
+    # under torch.autocast("cuda") the ops cast both operands to the autocast dtype
+    autocast = a.is_cuda and torch.is_autocast_enabled("cuda")
+    if a.dtype != b.dtype and not autocast:
         raise TypeError(f"{op}: {n1} and {n2} must have the same dtype, got {n1}.dtype={a.dtype}, "
                         f"{n2}.dtype={b.dtype}")
     if a.device != b.device:
