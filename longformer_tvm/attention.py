@@ -297,16 +297,31 @@ class LongformerSelfAttention(nn.Module):
                 and not (self.training and self.dropout > 0))
 
     def _global_rows(self, x: torch.Tensor, glob: GlobalIndex, is_masked: torch.Tensor | None):
-        """Outputs (B, G, E) and probabilities (B, H, G, N) of the global queries over all keys."""
+        """Outputs (B, G, E) and probabilities (B, H, G, N) of the global queries over all keys.
+
+        With few global queries (H * G <= E / 2) the key and value projections are applied on the
+        query side instead of to all N tokens -- ``q . (W x + b) = (W^T q) . x + q . b`` and
+        ``sum p (W x + b) = W (sum p x) + b sum p`` -- which skips two (N, E) x (E, E) products.
+        """
         bsz, n, _ = x.shape
         heads, hd = self.num_heads, self.head_dim
         neg = torch.finfo(x.dtype).min
         qg = self.query_global(glob.gather(x))
         qg /= math.sqrt(hd)
         qg = qg.view(bsz, glob.count, heads, hd)
-        kg = self.key_global(x).view(bsz, n, heads, hd)
-        vg = self.value_global(x).view(bsz, n, heads, hd)
-        scores = torch.einsum("bghd,bnhd->bhgn", qg, kg)  # (B, H, G, N)
+        folded = 2 * heads * glob.count <= self.embed_dim and _plain_linear(self.key_global) \
+            and _plain_linear(self.value_global)
+        if folded:
+            w_k = self.key_global.weight.view(heads, hd, self.embed_dim)
+            q_x = torch.einsum("bghd,hde->bhge", qg, w_k).reshape(bsz, heads * glob.count, self.embed_dim)
+            scores = torch.bmm(q_x, x.transpose(1, 2)).view(bsz, heads, glob.count, n)
+            if self.key_global.bias is not None:  # a per-row constant, kept so the bias stays
+                # in the graph (DDP expects a gradient for every parameter, here 0 up to rounding)
+                q_b = torch.einsum("bghd,hd->bhg", qg, self.key_global.bias.view(heads, hd))
+                scores = scores + q_b.unsqueeze(-1)
+        else:
+            kg = self.key_global(x).view(bsz, n, heads, hd)
+            scores = torch.einsum("bghd,bnhd->bhgn", qg, kg)  # (B, H, G, N)
         # Rows past a sample's count first, then padding keys: transformers' order (the filler
         # rows come out uniform over all N).
         scores.masked_fill_(~glob.valid[:, None, :, None], neg)
@@ -317,8 +332,17 @@ class LongformerSelfAttention(nn.Module):
             scores.masked_fill_(future.unsqueeze(1), neg)
         probs = torch.softmax(scores, dim=-1, dtype=_softmax_dtype(x.dtype)).to(x.dtype)
         probs = F.dropout(probs, p=self.dropout, training=self.training)
-        out = torch.einsum("bhgn,bnhd->bghd", probs, vg).reshape(bsz, glob.count, self.embed_dim)
-        return out, probs
+        if folded:
+            p_x = torch.bmm(probs.reshape(bsz, heads * glob.count, n), x)
+            w_v = self.value_global.weight.view(heads, hd, self.embed_dim)
+            out = torch.einsum("bhge,hde->bghd", p_x.view(bsz, heads, glob.count, self.embed_dim), w_v)
+            if self.value_global.bias is not None:
+                mass = probs.sum(dim=-1).transpose(1, 2).unsqueeze(-1)  # (B, G, H, 1); 1 without dropout
+                out = out + mass * self.value_global.bias.view(heads, hd)
+        else:
+            vg = self.value_global(x).view(bsz, n, heads, hd)
+            out = torch.einsum("bhgn,bnhd->bghd", probs, vg)
+        return out.reshape(bsz, glob.count, self.embed_dim), probs
 
 
 class GlobalIndex:
@@ -400,6 +424,11 @@ def band_key_mask(flags: torch.Tensor, band: Band) -> torch.Tensor:
     if len(per_dil) == 1:
         return next(iter(per_dil.values())).unsqueeze(2)
     return torch.stack([per_dil[d] for d in band.dilation], dim=2)
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """An unmodified nn.Linear (no subclass, no hooks): its weight alone defines what it computes."""
+    return type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
 
 
 def _or(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
