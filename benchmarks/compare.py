@@ -62,8 +62,13 @@ def _schedule_libraries(quick: bool) -> dict:
     return libs, libs_names
 
 
-def _call(fn, a, b, band, out, pad):
-    return lambda: ops.apply_kernel(fn, a, b, band, out, pad)
+def _call(fn, a, b, band, shape, pad, whole: bool):
+    """One product call with a fresh output each time, as the public API (and transformers) do."""
+    extra = () if pad is None else (pad,)
+    if whole:  # the naive (TE) functions take compact tensors only: one call, all heads
+        return lambda: fn(a, b, ops._new_output(shape, a.dtype, a.device), band.left, band.right,
+                          band.dilation[0], *extra)
+    return lambda: ops.apply_kernel(fn, a, b, band, ops._new_output(shape, a.dtype, a.device), pad)
 
 
 def run(quick: bool):
@@ -84,8 +89,8 @@ def run(quick: bool):
         for key, funcs in libs.items():
             for product, (a, bb, last, pad) in {"qk": (q, k, band.columns, float("-inf")),
                                                 "pv": (p, v, D, None), "tpv": (p, q, D, None)}.items():
-                out = torch.empty(B, n, H, last)
-                secs = bl.timeit(_call(funcs[product], a, bb, band, out, pad))
+                secs = bl.timeit(_call(funcs[product], a, bb, band, (B, n, H, last), pad,
+                                       key == "naive"))
                 rows.append(dict(kind=product, impl=names[key], n=n, w=w, secs=secs,
                                  base=base.get(product, base["pv"])))
         for label, fn in [("ours", bl.ours_attention), ("sliding chunks (transformers)", bl.hf_attention),
@@ -93,7 +98,7 @@ def run(quick: bool):
                 [("FlexAttention (compiled)", bl.flex_attention)] if not quick and bl.flex_available() else []):
             fwd = bl.timeit(lambda: fn(q, k, v, w))
             rows.append(dict(kind="attention fwd", impl=label, n=n, w=w, secs=fwd))
-            if quick:
+            if quick or label.startswith("FlexAttention"):  # torch has no Flex backward on CPU
                 continue
             qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
             secs = bl.timeit(lambda: fn(qg, kg, vg, w).sum().backward(), warmup=1)

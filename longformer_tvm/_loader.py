@@ -227,6 +227,9 @@ class _Registry:
         # TVM's CPU thread pool sizes itself from TVM_NUM_THREADS when first used (its own
         # default is half the logical CPUs); follow torch's setting unless the user chose.
         os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
+        # TVM's workers spin-wait after each kernel and take the cores from torch's threads in
+        # the ops that follow (softmax, projections); let them sleep instead.
+        os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
         ctypes.CDLL(str(lib / "libtvm_runtime.so"), mode=os.RTLD_GLOBAL | os.RTLD_NOW)
         self._runtime_loaded = True
 
