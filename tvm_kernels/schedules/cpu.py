@@ -75,6 +75,20 @@ def knobs_in(func) -> dict:
     return found
 
 
+def _register_block(sch: s_tir.Schedule, block, tiles, outer, reduction, rows, cols, lanes) -> None:
+    """The GEMM microkernel shared by every product: accumulators in registers (a local cache
+    written back at ``outer``), rows and columns unrolled, lanes vectorised, tiles in parallel."""
+    acc = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(acc, outer, preserve_unit_loops=True)
+    sch.vectorize(lanes)
+    sch.unroll(cols)
+    sch.unroll(rows)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    sch.parallel(tiles)
+    init = sch.decompose_reduction(block, reduction)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
 def schedule_qk(sch: s_tir.Schedule, knobs: dict) -> None:
     """Parallel over tiles; the S block becomes a rows x (panels*V) register-blocked GEMM."""
     s_blk, pack_blk = sch.get_sblock("S"), sch.get_sblock("pack")
@@ -83,15 +97,7 @@ def schedule_qk(sch: s_tir.Schedule, knobs: dict) -> None:
     qoo, qoi = sch.split(qo, [None, _knob(sch, "qk", knobs, "panels", s_blk)])
     iio, iii = sch.split(ii, [None, _knob(sch, "qk", knobs, "rows", s_blk)])
     sch.reorder(qoo, iio, k, iii, qoi, qi)
-    acc = sch.cache_write(s_blk, 0, "local")
-    sch.reverse_compute_at(acc, iio, preserve_unit_loops=True)
-    sch.vectorize(qi)
-    sch.unroll(qoi)
-    sch.unroll(iii)
-    sch.vectorize(sch.get_loops(acc)[-1])
-    sch.parallel(tiles)
-    init = sch.decompose_reduction(s_blk, k)
-    sch.vectorize(sch.get_loops(init)[-1])
+    _register_block(sch, s_blk, tiles, iio, k, rows=iii, cols=qoi, lanes=qi)
     # the band read-off is a unit-stride row copy (LLVM vectorises it); interior panels pack
     # with one vector gather per (panel, k)
     sch.parallel(sch.fuse(*sch.get_loops(pack_blk)[:3]))
@@ -107,15 +113,7 @@ def schedule_pv(sch: s_tir.Schedule, knobs: dict, v: int, transposed: bool = Fal
     ko, kv, kl = sch.split(k, [None, _knob(sch, product, knobs, "vecs", acc_blk), v])
     iio, iii = sch.split(ii, [None, _knob(sch, product, knobs, "rows", acc_blk)])
     sch.reorder(ko, iio, q, iii, kv, kl)
-    acc = sch.cache_write(acc_blk, 0, "local")
-    sch.reverse_compute_at(acc, iio, preserve_unit_loops=True)
-    sch.vectorize(kl)
-    sch.unroll(kv)
-    sch.unroll(iii)
-    sch.vectorize(sch.get_loops(acc)[-1])
-    sch.parallel(tiles)
-    init = sch.decompose_reduction(acc_blk, q)
-    sch.vectorize(sch.get_loops(init)[-1])
+    _register_block(sch, acc_blk, tiles, iio, q, rows=iii, cols=kv, lanes=kl)
     if transposed:  # full slab rows are one tt-wide copy each
         sch.vectorize(sch.get_loops(sch.get_sblock("shear"))[-1])
     sch.parallel(sch.fuse(*sch.get_loops(pack_blk)[:3]))
