@@ -230,7 +230,7 @@ def _cli(argv=None) -> int:
                       Path(ns.out).resolve())
     else:
         for path in offline_collect(Path(ns.timings)):
-            print(path)
+            logger.info("wrote %s", path)
     return 0
 
 
