@@ -39,7 +39,11 @@ def _as_float(op: str, name: str, value) -> float:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{op}: {name} must be a number, got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{op}: {name} must fit a float64 (|x| < 1.8e308; use float('inf') "
+                         f"for infinity), got an int of {value.bit_length()} bits") from None
 
 
 def sliding_window_qk(q: torch.Tensor, k: torch.Tensor, window: int, dilation=1,

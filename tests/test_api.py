@@ -87,6 +87,8 @@ BAD_INPUTS = [
     (lambda q, k, p: lt.diagonaled_mm(p, k, 2, 1, True, padding=-1.0), ValueError, "padding"),
     (lambda q, k, p: lt.sliding_window_qk(q, k.to("meta"), 2), ValueError, "same device"),
     (lambda q, k, p: lt.sliding_window_qk(q, "k", 2), TypeError, "torch.Tensor"),
+    (lambda q, k, p: lt.sliding_window_qk(q, k, 2, padding_value=2 ** 1100), ValueError,
+     "must fit a float64"),
 ]
 
 
