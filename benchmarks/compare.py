@@ -34,15 +34,16 @@ QUICK_SHAPES = [(4096, 256)]
 B, H, D = 1, 12, 64
 
 
-def _schedule_libraries(quick: bool) -> dict:
-    """{schedule name: {product: function}} -- the shipped one, plus naive/hand built now."""
+def _schedule_libraries(quick: bool) -> tuple[dict, dict]:
+    """({schedule: {product: function}}, {schedule: label}): the shipped library, plus naive and
+    hand built now."""
     libs = {"shipped": _loader.REGISTRY.functions("cpu", "float32")}
     entry = _loader.REGISTRY.chosen()[("cpu", "float32")]
     sched = str(entry.info.get("schedule", ""))
     kind = "tuned+hand" if "tuned" in sched and "hand" in sched else ("tuned" if "tuned" in sched else "hand")
-    libs_names = {"shipped": f"shipped ({kind}, {entry.info.get('isa')})"}
+    names = {"shipped": f"shipped ({kind}, {entry.info.get('isa')})"}
     if quick or not _loader.compiler_available():
-        return libs, libs_names
+        return libs, names
     import tvm
     import tvm_ffi
 
@@ -58,8 +59,8 @@ def _schedule_libraries(quick: bool) -> dict:
         tvm.compile(tvm.IRModule(funcs), target=target.llvm()).export_library(str(path))
         module = tvm_ffi.load_module(str(path))
         libs[schedule] = {p: module[s] for p, s in export.PRODUCTS.items()}
-        libs_names[schedule] = schedule
-    return libs, libs_names
+        names[schedule] = schedule
+    return libs, names
 
 
 def _call(fn, a, b, band, shape, pad, whole: bool):

@@ -40,8 +40,8 @@ RUNTIME_DIR_ENV = "LONGFORMER_TVM_RUNTIME_DIR"
 CUDART_ENV = "LONGFORMER_TVM_CUDART"
 CUDART_SONAME = "libcudart.so.13"
 DTYPES = ("float32", "float16", "bfloat16")
-BUILD_HINT = ("python build_kernels.py build --target cuda --arch {arch} --dtype {dtype} "
-              "(on any machine with nvcc; needs the TVM compiler: pip install -e .[build])")
+BUILD_HINT = "python build_kernels.py build --target cuda --arch {arch} --dtype {dtype}"
+BUILD_NEEDS = "on any machine with nvcc; needs the TVM compiler: pip install -e .[build]"
 
 
 def runtime_dir() -> Path | None:
@@ -204,16 +204,10 @@ class _CudaRuntime:
 
     def _explain(self, device: torch.device, arch: str, dtype: str) -> str:
         name = torch.cuda.get_device_name(device)
-        lines = [f"no compiled CUDA band kernel for {device} ({name}, {arch}), dtype={dtype}."]
-        cands = self.candidates(dtype, arch)
-        for entry, reason in cands:
-            lines.append(f"  {entry.path.name}: {reason or 'usable'}")
-        if not cands:
-            lines.append("  no CUDA library for this dtype is listed in "
-                         f"{[str(d) for d in _loader.prebuilt_dirs()] + [str(_loader.cache_dir())]}")
-        lines.append("Build one with `" + BUILD_HINT.format(arch=arch, dtype=dtype) + "`, or set "
-                     "LONGFORMER_TVM_BACKEND=reference for the plain-PyTorch products.")
-        return "\n".join(lines)
+        return _loader.explain_missing(
+            f"no compiled CUDA band kernel for {device} ({name}, {arch}), dtype={dtype}.",
+            self.candidates(dtype, arch), "for CUDA and this dtype",
+            BUILD_HINT.format(arch=arch, dtype=dtype), BUILD_NEEDS)
 
     def chosen(self) -> dict[str, str]:
         with self._lock:

@@ -197,6 +197,19 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def explain_missing(headline: str, candidates, what: str, build_cmd: str, needs: str) -> str:
+    """The error text when no library fits: every candidate with why it was skipped, then how to
+    build one (shared by the CPU and CUDA loaders)."""
+    lines = [headline]
+    lines += [f"  {entry.path.name}: {reason or 'usable'}" for entry, reason in candidates]
+    if not candidates:
+        lines.append(f"  no library {what} is listed in "
+                     f"{[str(d) for d in prebuilt_dirs()] + [str(cache_dir())]}")
+    lines.append(f"Build one with `{build_cmd}` ({needs}), or set LONGFORMER_TVM_BACKEND=reference "
+                 "for the plain-PyTorch products.")
+    return "\n".join(lines)
+
+
 class _Registry:
     """Loaded libraries and the kernel chosen per (device, dtype). One instance; ``clear()`` resets."""
 
@@ -435,17 +448,11 @@ class _Registry:
             return chosen[1]
 
     def _explain(self, device: str, dtype: str) -> str:
-        lines = [f"no compiled band kernel for device={device!r}, dtype={dtype}."]
-        cands = self.candidates(device, dtype)
-        for entry, reason in cands:
-            lines.append(f"  {entry.path.name}: {reason or 'usable'}")
-        if not cands:
-            lines.append("  no library for this device and dtype is listed in "
-                         f"{[str(d) for d in prebuilt_dirs()] + [str(cache_dir())]}")
-        lines.append("Build them with `python build_kernels.py build --target "
-                     f"{device} --dtype {dtype}` (needs the TVM compiler: pip install -e .[build]), "
-                     "or set LONGFORMER_TVM_BACKEND=reference for the plain-PyTorch products.")
-        return "\n".join(lines)
+        return explain_missing(
+            f"no compiled band kernel for device={device!r}, dtype={dtype}.",
+            self.candidates(device, dtype), "for this device and dtype",
+            f"python build_kernels.py build --target {device} --dtype {dtype}",
+            "needs the TVM compiler: pip install -e .[build]")
 
     def chosen(self) -> dict[tuple[str, str], LibraryEntry]:
         with self._lock:
