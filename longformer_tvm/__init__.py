@@ -10,6 +10,7 @@ import os as _os
 
 from . import reference
 from ._loader import KernelIntegrityError, KernelNotAvailableError, backend_info
+from ._pool import empty_cache
 from .attention import AttentionOutput, LongformerSelfAttention
 from .functional import diagonaled_mm, sliding_window_pv, sliding_window_pv_transposed, sliding_window_qk
 
@@ -25,6 +26,7 @@ __all__ = [
     "LongformerSelfAttention",
     "AttentionOutput",
     "backend_info",
+    "empty_cache",
     "reference",
     "KernelNotAvailableError",
     "KernelIntegrityError",

@@ -20,9 +20,10 @@ import functools
 import logging
 import sys
 
+import numpy as np
 import torch
 
-from . import _loader, reference
+from . import _loader, _pool, reference
 from ._checks import Band
 
 _LIB = "longformer_tvm"
@@ -56,7 +57,15 @@ def _nonfinite_slab(product: str, b: torch.Tensor) -> bool:
     never held the inf. One sum answers for every element (any inf or NaN makes it non-finite; a
     false alarm needs a finite sum past the dtype's range and only costs the slower path).
     """
-    return product != "qk" and b.device.type == "cpu" and not bool(torch.isfinite(b.sum()))
+    if product == "qk" or b.device.type != "cpu":
+        return False
+    if b.dtype in (torch.float32, torch.float64):
+        # numpy reduces on this thread. torch's sum would wake its OpenMP workers, which then
+        # spin-wait for milliseconds and take the cores from the TVM kernel that runs next
+        # (PV at N=4096 measured 26 ms instead of 20 on 2 cores).
+        with np.errstate(over="ignore", invalid="ignore"):
+            return not bool(np.isfinite(b.detach().numpy().sum()))
+    return not bool(torch.isfinite(b.sum()))
 
 
 #: A kernel call packs its slab operand (about the size of its head slice of k or v) into a
@@ -112,12 +121,18 @@ def _madvise():
 
 
 def _new_output(shape, dtype, device) -> torch.Tensor:
-    """``torch.empty``, backed by transparent huge pages where the OS offers them on request.
+    """An uninitialised output: large CPU outputs from the output pool (memory that earlier
+    outputs gave back, see :mod:`longformer_tvm._pool`), else ``torch.empty``, backed by
+    transparent huge pages where the OS offers them on request.
 
-    A large output is fresh memory on every call, and faulting it in 4 KiB pages costs about as
-    much as the QK kernel itself (20 of 45 ms for a 100 MB band at N=4096); 2 MiB pages cut that
-    to a few ms. Only a paging hint: where it is refused nothing changes.
+    A large output on fresh memory is faulted in (and zeroed by the OS) on every call: in 4 KiB
+    pages that costs about as much as the QK kernel itself (20 of 45 ms for a 100 MB band at
+    N=4096); 2 MiB pages cut that to about 10 ms, and reused memory to nothing.
     """
+    if torch.device(device).type == "cpu":
+        pooled = _pool.POOL.empty(shape, dtype)
+        if pooled is not None:
+            return pooled
     out = torch.empty(shape, dtype=dtype, device=device)
     nbytes = out.numel() * out.element_size()
     madvise = _madvise() if out.device.type == "cpu" and nbytes >= 4 * _HUGE_PAGE else None
