@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+import longformer_tvm as lt
 from longformer_tvm import _loader, ops
 from longformer_tvm._checks import normalize_band
 
@@ -94,6 +95,13 @@ def run(quick: bool):
                                        key == "naive"))
                 rows.append(dict(kind=product, impl=names[key], n=n, w=w, secs=secs,
                                  base=base.get(product, base["pv"])))
+        # what a user calls: the public functions, with their input checks and output pool
+        for product, call in {
+                "qk": lambda: lt.sliding_window_qk(q, k, w, padding_value=float("-inf")),
+                "pv": lambda: lt.sliding_window_pv(p, v, w),
+                "tpv": lambda: lt.sliding_window_pv_transposed(p, q, w)}.items():
+            rows.append(dict(kind=product, impl="ours (public function)", n=n, w=w,
+                             secs=bl.timeit(call), base=base.get(product, base["pv"])))
         for label, fn in [("ours", bl.ours_attention), ("sliding chunks (transformers)", bl.hf_attention),
                           ("dense SDPA + band mask", bl.sdpa_attention)] + (
                 [("FlexAttention (compiled)", bl.flex_attention)] if not quick and bl.flex_available() else []):
