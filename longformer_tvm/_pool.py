@@ -9,9 +9,9 @@ from blocks that earlier outputs gave back:
 
 * A block goes back to the pool when the last tensor (or view) on its memory is freed -- never
   while anything can still read it (autograd's saved tensors included).
-* At most ``LONGFORMER_TVM_POOL_MB`` MiB of idle blocks are kept (default 1024; ``0`` turns the
-  pool off, so every output is fresh ``torch.empty`` memory). A block past the limit goes back to
-  the OS at once. :func:`empty_cache` returns every idle block now.
+* At most ``LONGFORMER_TVM_POOL_MB`` MiB of idle blocks are kept (default 1024, read when the
+  package is imported; ``0`` turns reuse off, so every output is fresh memory). A block past the
+  limit goes back to the OS at once. :func:`empty_cache` returns every idle block now.
 * Blocks are anonymous memory maps with transparent huge pages requested; a block serves requests
   that round up to the same number of 2 MiB pages.
 
@@ -60,7 +60,8 @@ class OutputPool:
     """Idle memory blocks by size; see the module docstring."""
 
     def __init__(self, limit_bytes: int | None = None):
-        self._fixed_limit = limit_bytes
+        #: Most bytes kept in idle blocks (``LONGFORMER_TVM_POOL_MB`` unless given).
+        self.limit_bytes = _limit_from_env() if limit_bytes is None else limit_bytes
         self._free: dict[int, list[mmap.mmap]] = {}
         self._idle = 0
         # Blocks come back from whichever thread frees the last tensor on them, possibly from a
@@ -68,23 +69,20 @@ class OutputPool:
         self._lock = threading.RLock()
 
     @property
-    def limit_bytes(self) -> int:
-        return self._fixed_limit if self._fixed_limit is not None else _limit_from_env()
-
-    @property
     def idle_bytes(self) -> int:
         """Bytes held in idle blocks."""
         return self._idle
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor | None:
-        """An uninitialised contiguous CPU tensor on pooled memory, or None where the pool does
-        not serve the request (too small, or the pool is off)."""
+        """An uninitialised contiguous CPU tensor on a block (an idle one if there is one of the
+        size, else a new one on huge pages), or None where the pool does not serve the request
+        (smaller than :data:`MIN_BYTES`, or a dtype numpy lacks)."""
         np_dtype = _NUMPY_DTYPES.get(dtype)
         if np_dtype is None:
             return None
         numel = math.prod(shape)
         nbytes = numel * np.dtype(np_dtype).itemsize
-        if nbytes < MIN_BYTES or self.limit_bytes <= 0:
+        if nbytes < MIN_BYTES:
             return None
         size = -(-nbytes // _BLOCK_ROUND) * _BLOCK_ROUND
         with self._lock:
@@ -93,7 +91,9 @@ class OutputPool:
             if block is not None:
                 self._idle -= size
         if block is None:
-            block = mmap.mmap(-1, size)
+            # private: Python's default for anonymous maps is shared memory, which the kernel
+            # backs with huge pages only where shmem THP is enabled (rarely), and forks would share
+            block = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             try:
                 block.madvise(mmap.MADV_HUGEPAGE)
             except (AttributeError, OSError):  # not Linux, or THP unavailable: only a hint

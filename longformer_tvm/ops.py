@@ -14,11 +14,7 @@ dilation runs one kernel call per maximal run of heads with equal dilation, on s
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import logging
-import sys
 
 import numpy as np
 import torch
@@ -101,29 +97,9 @@ def apply_kernel(kernel, a: torch.Tensor, b: torch.Tensor, band: Band, out: torc
     return out
 
 
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14
-
-
-@functools.lru_cache(maxsize=1)
-def _madvise():
-    """libc's madvise on Linux, else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-    fn = libc.madvise
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
 def _new_output(shape, dtype, device) -> torch.Tensor:
-    """An uninitialised output: large CPU outputs from the output pool (memory that earlier
-    outputs gave back, see :mod:`longformer_tvm._pool`), else ``torch.empty``, backed by
-    transparent huge pages where the OS offers them on request.
+    """An uninitialised output: large CPU outputs on the output pool's huge-page blocks, reused
+    where an earlier output gave one back (:mod:`longformer_tvm._pool`), else ``torch.empty``.
 
     A large output on fresh memory is faulted in (and zeroed by the OS) on every call: in 4 KiB
     pages that costs about as much as the QK kernel itself (20 of 45 ms for a 100 MB band at
@@ -133,15 +109,7 @@ def _new_output(shape, dtype, device) -> torch.Tensor:
         pooled = _pool.POOL.empty(shape, dtype)
         if pooled is not None:
             return pooled
-    out = torch.empty(shape, dtype=dtype, device=device)
-    nbytes = out.numel() * out.element_size()
-    madvise = _madvise() if out.device.type == "cpu" and nbytes >= 4 * _HUGE_PAGE else None
-    if madvise is not None:
-        start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-        end = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-        if end > start:
-            madvise(start, end - start, _MADV_HUGEPAGE)
-    return out
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _run(product: str, a: torch.Tensor, b: torch.Tensor, band: Band, out_last: int,
