@@ -45,23 +45,44 @@ def _prepare(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+def _nonfinite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds an inf or NaN, from one sum (a false alarm needs a finite sum past the
+    dtype's range and only costs the slower path)."""
+    if t.dtype in (torch.float32, torch.float64):
+        # numpy reduces on this thread. torch's sum would wake its OpenMP workers, which then
+        # spin-wait for milliseconds and take the cores from the TVM kernel that runs next
+        # (PV at N=4096 measured 26 ms instead of 20 on 2 cores).
+        with np.errstate(over="ignore", invalid="ignore"):
+            return not bool(np.isfinite(t.detach().numpy().sum()))
+    return not bool(torch.isfinite(t.sum()))
+
+
 def _nonfinite_slab(product: str, b: torch.Tensor) -> bool:
     """Whether the CPU kernel would spread a non-finite value of ``b`` beyond its band.
 
     The CPU kernels reduce each tile of rows over a dense slab of v (pv) or x (tpv) rows, with
     zeros for the band's holes (tvm_kernels/tiled.py); ``0 * inf`` there is NaN in rows whose band
-    never held the inf. One sum answers for every element (any inf or NaN makes it non-finite; a
-    false alarm needs a finite sum past the dtype's range and only costs the slower path).
+    never held the inf.
     """
     if product == "qk" or b.device.type != "cpu":
         return False
-    if b.dtype in (torch.float32, torch.float64):
-        # numpy reduces on this thread. torch's sum would wake its OpenMP workers, which then
-        # spin-wait for milliseconds and take the cores from the TVM kernel that runs next
-        # (PV at N=4096 measured 26 ms instead of 20 on 2 cores).
-        with np.errstate(over="ignore", invalid="ignore"):
-            return not bool(np.isfinite(b.detach().numpy().sum()))
-    return not bool(torch.isfinite(b.sum()))
+    return _nonfinite(b)
+
+
+def _nonfinite_outside(product: str, a: torch.Tensor, band: Band) -> bool:
+    """Whether P holds an inf or NaN where its key is outside the sequence (CPU pv only).
+
+    The reference ignores those entries. The CPU PV kernel reads P where it lies and meets them
+    with zero rows of v, so ``inf * 0`` would reach the row. Only the first ``left * d`` rows (in
+    the columns before the diagonal) and the last ``right * d`` rows (after it) hold such entries.
+    """
+    if product != "pv" or a.device.type != "cpu":
+        return False
+    n = a.shape[1]
+    d = min(max(band.dilation, default=1), n)
+    first, last = min(n, band.left * d), min(n, band.right * d)
+    blocks = (a[:, :first, :, :band.left], a[:, n - last:, :, band.left + 1:])
+    return any(block.numel() and _nonfinite(block) for block in blocks)
 
 
 #: A kernel call packs its slab operand (about the size of its head slice of k or v) into a
@@ -122,6 +143,10 @@ def _run(product: str, a: torch.Tensor, b: torch.Tensor, band: Band, out_last: i
     if kernel is not None and _nonfinite_slab(product, b):
         logger.info("%s: inf or NaN in its second operand; computing it with the reference "
                     "products, which keep them to the rows whose band holds them", product)
+        kernel = None
+    elif kernel is not None and _nonfinite_outside(product, a, band):
+        logger.info("%s: inf or NaN in P where the key is outside the sequence; computing it "
+                    "with the reference products, which ignore those entries", product)
         kernel = None
     if kernel is None:  # the reference backend (explicit, see _loader.backend_info) or the above
         fn = {"qk": reference.band_qk, "pv": reference.band_pv, "tpv": reference.band_pv_transposed}

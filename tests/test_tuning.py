@@ -47,7 +47,7 @@ def test_saved_database_replays_to_the_recorded_schedule(db):
         assert f"{product}:tuned{knobs}" in entries[0]["schedule"]
         # replaying the record gives the hand schedule with the same knob values, twice
         replayed = [export.scheduled_func(product, dtype, target, trace=trace) for _ in range(2)]
-        sch = s_tir.Schedule(export.tiled_func(product, dtype, target.lanes(dtype)))
+        sch = s_tir.Schedule(export.tiled_func(product, dtype, target))
         cpu_sched.schedule_tiled(sch, product, knobs, target.lanes(dtype))
         by_hand = sch.mod["main"].with_attr("global_symbol", export.PRODUCTS[product])
         tvm.ir.assert_structural_equal(replayed[0], replayed[1])

@@ -35,10 +35,13 @@ SCHEDULES = ("hand", "tuned", "naive")
 CPU_SOURCES = ["tvm_kernels/band.py", "tvm_kernels/tiled.py", "tvm_kernels/schedules/cpu.py"]
 
 
-def tiled_func(product: str, dtype: str, lanes: int) -> tvm.tirx.PrimFunc:
+def tiled_func(product: str, dtype: str, target: CpuTarget) -> tvm.tirx.PrimFunc:
+    lanes = target.lanes(dtype)
     if product == "qk":
         return tiled.make_qk(dtype, lanes)
-    return tiled.make_pv(dtype, lanes, transposed=product == "tpv")
+    if product == "pv":
+        return tiled.make_pv(dtype, lanes, cpu_sched.pv_group(target.isa))
+    return tiled.make_tpv(dtype, lanes)
 
 
 def naive_func(product: str, dtype: str) -> tvm.tirx.PrimFunc:
@@ -56,7 +59,7 @@ def scheduled_func(product: str, dtype: str, target: CpuTarget, schedule: str = 
         sch = s_tir.Schedule(naive_func(product, dtype))
         cpu_sched.schedule_naive(sch)
     else:
-        sch = s_tir.Schedule(tiled_func(product, dtype, target.lanes(dtype)))
+        sch = s_tir.Schedule(tiled_func(product, dtype, target))
         if trace is not None:
             trace.apply_to_schedule(sch, remove_postproc=True)
         else:

@@ -15,11 +15,17 @@ are restated so that the inner loops are branch-free dense GEMMs:
   load reads ``V`` consecutive keys.
 * **Ranges, not masks.** Where only part of a row is valid (the band's ends, the sequence's ends),
   the loop bounds are computed per row, so every inner loop is a plain copy or a plain fill.
+* **PV reads P where it lies.** The sheared copy of P that a slab GEMM needs costs as much
+  memory traffic as the GEMM reads (P is the largest operand), and a copy does not overlap the
+  arithmetic. PV instead broadcasts P's entries straight from its rows in the GEMM, in groups of
+  rows for which every middle slab column is inside the band; only the group's few edge columns
+  are masked (:func:`make_pv`). Transposed PV, whose P operand runs along diagonals, keeps the
+  copy (:func:`make_tpv`).
 
 Every function takes strided tensors (any strides, unit last stride) with symbolic B, N, H, D and
 scalar window extents ``left``/``right`` (C = left + right + 1) and dilation ``d``; one compiled
 library serves every shape. Sizes, strides and indices are 64-bit. QK writes ``pad`` where the key
-falls outside the sequence. Signatures (``V``, ``TM`` are build-time constants; ``TT = V * TM``)::
+falls outside the sequence. Signatures (``V``, ``TM`` and PV's row group are build-time constants)::
 
     band_qk (q, k, out[B,N,H,C], left, right, d, pad)
     band_pv (p[B,N,H,C], v, out[B,N,H,D], left, right, d)
@@ -164,73 +170,35 @@ def make_qk(dtype: str, v: int, tm: int = 1):
     return band_qk.with_attr("global_symbol", "band_qk")
 
 
-def make_pv(dtype: str, v: int, rows: int | None = None, transposed: bool = False):
-    """Banded P V, or (``transposed``) its adjoint in P. The reduction runs over the tile's slab.
+def make_pv(dtype: str, v: int, group: int):
+    """Banded P V, reading P where it lies: no copy of P.
 
-    Slab row q of tile ``blk`` (residue position ``blk*TT + q - lead``) is the key (PV,
-    lead = left) or the query row (transposed, lead = right). The sheared operand ``PS`` holds, for
-    tile row ii and slab row q, ``P[row ii, q - ii]`` (PV; layout [ii, q], so a row copies from
-    one P row) or ``G[slab row q, left + right + ii - q]`` (transposed; layout [q, ii], so a slab
-    row copies from one G row), zero elsewhere.
+    Tiles of ``TT = 2 * group`` rows; each tile is ``TT / group`` groups of ``group`` rows (the
+    register block). Relative to its group, slab column q (key ``q - left`` from the group's first
+    row) meets row ii through ``P[ii, q - ii]``. In the middle columns ``q`` in
+    ``[group - 1, C)`` that entry is inside the band for every row of the group, so the GEMM
+    broadcasts it straight from P's row (``acc``). Only the ``group - 1`` columns at either end
+    (``acc_lo``, ``acc_hi``) need the band's test, a small masked GEMM. The three partial sums
+    (OL, OM, OH) are added when the tile is written out.
+
+    Keys outside the sequence meet zero rows of the packed V, so P's entries there must be finite:
+    :func:`longformer_tvm.ops` checks them (they are outside the band and the reference ignores
+    them), as it checks V.
     """
-    tt = rows or v  # tile height: any value (no panel alignment in this product)
+    tt = 2 * group
     zero = T.cast(0, dtype)
-    name = "band_pv_transposed" if transposed else "band_pv"
 
-    def lead(left, right):
-        return right if transposed else left
+    def total_rows(N, d, left, right):  # the hi edge reads up to group - 1 rows past the slab
+        return tiles_per_residue(N, d, tt) * tt + left + right + group
 
-    def slab(left, right):
-        return tt + left + right
+    def mid(C):  # middle slab columns of a group
+        return T.max(C - (group - 1), T.int64(0))
 
-    def total_rows(N, d, left, right):
-        return tiles_per_residue(N, d, tt) * tt + left + right
+    def hi0(C):  # first column of the hi edge
+        return T.max(C, T.int64(group - 1))
 
-    def src_lo(left, right, blk):  # slab rows q whose residue position is >= 0
-        return clamp(lead(left, right) - blk * tt, 0, slab(left, right))
-
-    def src_hi(N, d, r, left, right, blk):
-        return clamp(rows_in_residue(N, d, r) + lead(left, right) - blk * tt,
-                     src_lo(left, right, blk), slab(left, right))
-
-    # PV: row ii of PS is valid on q in [ii, ii + C) intersected with [src_lo, src_hi); the P row
-    # (the tile's row) must exist. Transposed: slab row q is valid on ii in [q - left - right, q],
-    # intersected with [0, tt), when q is in [src_lo, src_hi).
-    def inner_lo(N, d, r, left, right, blk, outer):
-        if transposed:
-            return clamp(outer - left - right, 0, tt)
-        return clamp(T.max(outer, src_lo(left, right, blk)), 0, slab(left, right))
-
-    def inner_hi(N, d, r, left, right, C, blk, outer):
-        if transposed:
-            ok = T.Cast("int64", outer >= src_lo(left, right, blk)) * T.Cast(
-                "int64", outer < src_hi(N, d, r, left, right, blk))
-            return clamp((outer + 1) * ok, inner_lo(N, d, r, left, right, blk, outer), tt)
-        ok = T.Cast("int64", (blk * tt + outer) * d + r < N)
-        return clamp(T.min(outer + C, src_hi(N, d, r, left, right, blk)) * ok,
-                     inner_lo(N, d, r, left, right, blk, outer), slab(left, right))
-
-    def full_row(N, d, r, left, right, blk, q):  # transposed: all tt entries of slab row q valid
-        return tirx.all(q >= tt - 1, q <= left + right, q >= src_lo(left, right, blk),
-                        q < src_hi(N, d, r, left, right, blk))
-
-    def outer_extent(left, right):
-        return slab(left, right) if transposed else tt
-
-    def inner_extent(left, right):
-        return tt if transposed else slab(left, right)
-
-    def p_row(blk, outer, inner, left, right):  # residue position of the P row read
-        return blk * tt + outer - right if transposed else blk * tt + outer
-
-    def p_col(outer, inner, left, right):
-        return left + right + inner - outer if transposed else inner - outer
-
-    def ps_first(ii, q):  # PS is indexed [ii, q] (PV) or [q, ii] (transposed)
-        return q if transposed else ii
-
-    def ps_second(ii, q):
-        return ii if transposed else q
+    def p_row(N, d, r, blk, g, ii):  # P row of a group row; rows past N read row N-1, unused
+        return T.min((blk * tt + g * group + ii) * d + r, N - 1)
 
     @T.prim_func(s_tir=True)
     def band_pv(p_h: T.handle, v_h: T.handle, o_h: T.handle, left: T.int64, right: T.int64,
@@ -244,66 +212,160 @@ def make_pv(dtype: str, v: int, rows: int | None = None, transposed: bool = Fals
         Vt = _strided(v_h, (B, N, H, D), dtype, (sv0, sv1, sv2, T.int64(1)))
         O = _strided(o_h, (B, N, H, D), dtype, (so0, so1, so2, T.int64(1)))
         VP = T.sblock_alloc_buffer((B, H, d, total_rows(N, d, left, right), packed_width(D, v)), dtype)
-        PS = T.sblock_alloc_buffer(
-            (B, H, d, tiles_per_residue(N, d, tt), outer_extent(left, right), inner_extent(left, right)),
-            dtype)
-        OT = T.sblock_alloc_buffer((B, H, d, tiles_per_residue(N, d, tt), tt, packed_width(D, v)), dtype)
-        for b, h, r in T.grid(B, H, d):
+        tile_shape = (B, H, d, tiles_per_residue(N, d, tt), tt, packed_width(D, v))
+        OL = T.sblock_alloc_buffer(tile_shape, dtype)
+        OM = T.sblock_alloc_buffer(tile_shape, dtype)
+        OH = T.sblock_alloc_buffer(tile_shape, dtype)
+        for b, h, r in T.grid(B, H, d):  # the slab operand, zero outside the sequence
             for m in range(total_rows(N, d, left, right)):
                 for k in range(packed_width(D, v)):
                     with T.sblock("pack_zero"):
                         vb, vh, vr, vm, vk = T.axis.remap("SSSSS", [b, h, r, m, k])
-                        T.where(m < lead(left, right)
-                                or m >= lead(left, right) + rows_in_residue(N, d, r) or k >= D)
+                        T.where(m < left or m >= left + rows_in_residue(N, d, r) or k >= D)
                         VP[vb, vh, vr, vm, vk] = zero
                 for k in range(D):
                     with T.sblock("pack"):
                         vb, vh, vr, vm, vk = T.axis.remap("SSSSS", [b, h, r, m, k])
-                        T.where(m >= lead(left, right)
-                                and m < lead(left, right) + rows_in_residue(N, d, r))
-                        VP[vb, vh, vr, vm, vk] = Vt[vb, (vm - lead(left, right)) * d + vr, vh, vk]
+                        T.where(m >= left and m < left + rows_in_residue(N, d, r))
+                        VP[vb, vh, vr, vm, vk] = Vt[vb, (vm - left) * d + vr, vh, vk]
         for b, h, blk, r in T.grid(B, H, tiles_per_residue(N, d, tt), d):
-            if transposed:
-                # a slab row copies tt consecutive G entries; only the first and last tt - 1
-                # slab rows (and rows outside the sequence) are partial
-                for o, i in T.grid(slab(left, right), T.int64(tt)):
-                    with T.sblock("shear_edge"):
-                        vb, vh, vr, vblk, vo, vi = T.axis.remap("SSSSSS", [b, h, r, blk, o, i])
-                        T.where(tirx.Not(full_row(N, d, r, left, right, blk, o)))
-                        PS[vb, vh, vr, vblk, vo, vi] = T.if_then_else(
-                            vi >= inner_lo(N, d, vr, left, right, vblk, vo)
-                            and vi < inner_hi(N, d, vr, left, right, C, vblk, vo),
-                            P[vb, clamp(p_row(vblk, vo, vi, left, right) * d + vr, 0, N - 1), vh,
-                              clamp(p_col(vo, vi, left, right), 0, C - 1)], zero)
-                for o, i in T.grid(slab(left, right), T.int64(tt)):
-                    with T.sblock("shear"):
-                        vb, vh, vr, vblk, vo, vi = T.axis.remap("SSSSSS", [b, h, r, blk, o, i])
-                        T.where(full_row(N, d, r, left, right, blk, o))
-                        PS[vb, vh, vr, vblk, vo, vi] = P[
-                            vb, p_row(vblk, vo, vi, left, right) * d + vr, vh,
-                            p_col(vo, vi, left, right)]
-            else:
-                # a tile row copies one long run of its P row; zeros before and after it
-                for o in range(tt):
-                    for i in range(inner_lo(N, d, r, left, right, blk, o)):
-                        with T.sblock("shear_lo"):
-                            vb, vh, vr, vblk, vo, vi = T.axis.remap("SSSSSS", [b, h, r, blk, o, i])
-                            PS[vb, vh, vr, vblk, vo, vi] = zero
-                    for i in range(inner_hi(N, d, r, left, right, C, blk, o)
-                                   - inner_lo(N, d, r, left, right, blk, o)):
-                        with T.sblock("shear"):
-                            vb, vh, vr, vblk, vo = T.axis.remap("SSSSS", [b, h, r, blk, o])
-                            vi = T.axis.spatial(slab(left, right),
-                                                inner_lo(N, d, r, left, right, blk, o) + i)
-                            PS[vb, vh, vr, vblk, vo, vi] = P[
-                                vb, p_row(vblk, vo, vi, left, right) * d + vr, vh,
-                                p_col(vo, vi, left, right)]
-                    for i in range(slab(left, right) - inner_hi(N, d, r, left, right, C, blk, o)):
-                        with T.sblock("shear_hi"):
-                            vb, vh, vr, vblk, vo = T.axis.remap("SSSSS", [b, h, r, blk, o])
-                            vi = T.axis.spatial(slab(left, right),
-                                                inner_hi(N, d, r, left, right, C, blk, o) + i)
-                            PS[vb, vh, vr, vblk, vo, vi] = zero
+            with T.sblock("acc_tile"):  # its own scope, so the GEMM can be scheduled alone
+                for g, ii, k, q in T.grid(T.int64(tt // group), T.int64(group), packed_width(D, v),
+                                          mid(C)):
+                    with T.sblock("acc"):
+                        vb, vh, vr, vblk, vg, vii, vk, vq = T.axis.remap(
+                            "SSSSSSSR", [b, h, r, blk, g, ii, k, q])
+                        with T.init():
+                            OM[vb, vh, vr, vblk, vg * group + vii, vk] = zero
+                        OM[vb, vh, vr, vblk, vg * group + vii, vk] = (
+                            OM[vb, vh, vr, vblk, vg * group + vii, vk]
+                            + P[vb, p_row(N, d, vr, vblk, vg, vii), vh, vq + (group - 1) - vii]
+                            * VP[vb, vh, vr, vblk * tt + vg * group + vq + (group - 1), vk])
+            with T.sblock("lo_tile"):
+                for g, ii, k, q in T.grid(T.int64(tt // group), T.int64(group), packed_width(D, v),
+                                          T.int64(group - 1)):
+                    with T.sblock("acc_lo"):  # slab column q
+                        vb, vh, vr, vblk, vg, vii, vk, vq = T.axis.remap(
+                            "SSSSSSSR", [b, h, r, blk, g, ii, k, q])
+                        with T.init():
+                            OL[vb, vh, vr, vblk, vg * group + vii, vk] = zero
+                        OL[vb, vh, vr, vblk, vg * group + vii, vk] = (
+                            OL[vb, vh, vr, vblk, vg * group + vii, vk]
+                            + T.if_then_else(
+                                vq >= vii and vq - vii < C,
+                                P[vb, p_row(N, d, vr, vblk, vg, vii), vh, clamp(vq - vii, 0, C - 1)],
+                                zero)
+                            * VP[vb, vh, vr, vblk * tt + vg * group + vq, vk])
+            with T.sblock("hi_tile"):
+                for g, ii, k, q in T.grid(T.int64(tt // group), T.int64(group), packed_width(D, v),
+                                          T.int64(group - 1)):
+                    with T.sblock("acc_hi"):  # slab column hi0(C) + q
+                        vb, vh, vr, vblk, vg, vii, vk, vq = T.axis.remap(
+                            "SSSSSSSR", [b, h, r, blk, g, ii, k, q])
+                        with T.init():
+                            OH[vb, vh, vr, vblk, vg * group + vii, vk] = zero
+                        OH[vb, vh, vr, vblk, vg * group + vii, vk] = (
+                            OH[vb, vh, vr, vblk, vg * group + vii, vk]
+                            + T.if_then_else(
+                                hi0(C) + vq - vii < C,
+                                P[vb, p_row(N, d, vr, vblk, vg, vii), vh,
+                                  clamp(hi0(C) + vq - vii, 0, C - 1)],
+                                zero)
+                            * VP[vb, vh, vr, vblk * tt + vg * group + hi0(C) + vq, vk])
+            for ii, k in T.grid(tt, D):
+                with T.sblock("out"):
+                    vb, vh, vr, vblk, vii, vk = T.axis.remap("SSSSSS", [b, h, r, blk, ii, k])
+                    T.where((blk * tt + ii) * d + r < N)
+                    O[vb, (vblk * tt + vii) * d + vr, vh, vk] = (
+                        OL[vb, vh, vr, vblk, vii, vk] + OM[vb, vh, vr, vblk, vii, vk]
+                        + OH[vb, vh, vr, vblk, vii, vk])
+
+    return band_pv.with_attr("global_symbol", "band_pv")
+
+
+def make_tpv(dtype: str, v: int, rows: int | None = None):
+    """The adjoint of PV in P: ``out[j] = sum over the rows i whose band holds key j of
+    G[i, j - i + left] X[i]``. The reduction runs over the tile's slab of rows.
+
+    Slab row q of tile ``blk`` (residue position ``blk*TT + q - right``) is the query row. The
+    sheared operand ``PS[q, ii]`` holds ``G[slab row q, left + right + ii - q]`` (a slab row copies
+    from one G row), zero where that is outside the band or the sequence.
+    """
+    tt = rows or v  # tile height: any value (no panel alignment in this product)
+    zero = T.cast(0, dtype)
+
+    def slab(left, right):
+        return tt + left + right
+
+    def total_rows(N, d, left, right):
+        return tiles_per_residue(N, d, tt) * tt + left + right
+
+    def src_lo(left, right, blk):  # slab rows q whose residue position is >= 0
+        return clamp(right - blk * tt, 0, slab(left, right))
+
+    def src_hi(N, d, r, left, right, blk):
+        return clamp(rows_in_residue(N, d, r) + right - blk * tt, src_lo(left, right, blk),
+                     slab(left, right))
+
+    # slab row q is valid on ii in [q - left - right, q], intersected with [0, tt), when q is in
+    # [src_lo, src_hi)
+    def inner_lo(left, right, q):
+        return clamp(q - left - right, 0, tt)
+
+    def inner_hi(N, d, r, left, right, blk, q):
+        ok = T.Cast("int64", q >= src_lo(left, right, blk)) * T.Cast(
+            "int64", q < src_hi(N, d, r, left, right, blk))
+        return clamp((q + 1) * ok, inner_lo(left, right, q), tt)
+
+    def full_row(N, d, r, left, right, blk, q):  # all tt entries of slab row q valid
+        return tirx.all(q >= tt - 1, q <= left + right, q >= src_lo(left, right, blk),
+                        q < src_hi(N, d, r, left, right, blk))
+
+    @T.prim_func(s_tir=True)
+    def band_tpv(g_h: T.handle, x_h: T.handle, o_h: T.handle, left: T.int64, right: T.int64,
+                 d: T.int64):
+        T.func_attr({"tirx.noalias": True})
+        B, N, H, D, C = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        sg0, sg1, sg2 = T.int64(), T.int64(), T.int64()
+        sx0, sx1, sx2 = T.int64(), T.int64(), T.int64()
+        so0, so1, so2 = T.int64(), T.int64(), T.int64()
+        G = _strided(g_h, (B, N, H, C), dtype, (sg0, sg1, sg2, T.int64(1)))
+        Xt = _strided(x_h, (B, N, H, D), dtype, (sx0, sx1, sx2, T.int64(1)))
+        O = _strided(o_h, (B, N, H, D), dtype, (so0, so1, so2, T.int64(1)))
+        VP = T.sblock_alloc_buffer((B, H, d, total_rows(N, d, left, right), packed_width(D, v)), dtype)
+        PS = T.sblock_alloc_buffer(
+            (B, H, d, tiles_per_residue(N, d, tt), slab(left, right), tt), dtype)
+        OT = T.sblock_alloc_buffer((B, H, d, tiles_per_residue(N, d, tt), tt, packed_width(D, v)), dtype)
+        for b, h, r in T.grid(B, H, d):  # the slab operand, zero outside the sequence
+            for m in range(total_rows(N, d, left, right)):
+                for k in range(packed_width(D, v)):
+                    with T.sblock("pack_zero"):
+                        vb, vh, vr, vm, vk = T.axis.remap("SSSSS", [b, h, r, m, k])
+                        T.where(m < right or m >= right + rows_in_residue(N, d, r) or k >= D)
+                        VP[vb, vh, vr, vm, vk] = zero
+                for k in range(D):
+                    with T.sblock("pack"):
+                        vb, vh, vr, vm, vk = T.axis.remap("SSSSS", [b, h, r, m, k])
+                        T.where(m >= right and m < right + rows_in_residue(N, d, r))
+                        VP[vb, vh, vr, vm, vk] = Xt[vb, (vm - right) * d + vr, vh, vk]
+        for b, h, blk, r in T.grid(B, H, tiles_per_residue(N, d, tt), d):
+            # a slab row copies tt consecutive G entries; only the first and last tt - 1 slab rows
+            # (and rows outside the sequence) are partial
+            for o, i in T.grid(slab(left, right), T.int64(tt)):
+                with T.sblock("shear_edge"):
+                    vb, vh, vr, vblk, vo, vi = T.axis.remap("SSSSSS", [b, h, r, blk, o, i])
+                    T.where(tirx.Not(full_row(N, d, r, left, right, blk, o)))
+                    PS[vb, vh, vr, vblk, vo, vi] = T.if_then_else(
+                        vi >= inner_lo(left, right, vo)
+                        and vi < inner_hi(N, d, vr, left, right, vblk, vo),
+                        G[vb, clamp((vblk * tt + vo - right) * d + vr, 0, N - 1), vh,
+                          clamp(left + right + vi - vo, 0, C - 1)], zero)
+            for o, i in T.grid(slab(left, right), T.int64(tt)):
+                with T.sblock("shear"):
+                    vb, vh, vr, vblk, vo, vi = T.axis.remap("SSSSSS", [b, h, r, blk, o, i])
+                    T.where(full_row(N, d, r, left, right, blk, o))
+                    PS[vb, vh, vr, vblk, vo, vi] = G[
+                        vb, (vblk * tt + vo - right) * d + vr, vh, left + right + vi - vo]
             with T.sblock("acc_tile"):  # its own scope, so the GEMM can be scheduled alone
                 for ii, k, q in T.grid(tt, packed_width(D, v), slab(left, right)):
                     with T.sblock("acc"):
@@ -313,12 +375,11 @@ def make_pv(dtype: str, v: int, rows: int | None = None, transposed: bool = Fals
                             OT[vb, vh, vr, vblk, vii, vk] = zero
                         OT[vb, vh, vr, vblk, vii, vk] = (
                             OT[vb, vh, vr, vblk, vii, vk]
-                            + PS[vb, vh, vr, vblk, ps_first(vii, vq), ps_second(vii, vq)]
-                            * VP[vb, vh, vr, vblk * tt + vq, vk])
+                            + PS[vb, vh, vr, vblk, vq, vii] * VP[vb, vh, vr, vblk * tt + vq, vk])
             for ii, k in T.grid(tt, D):
                 with T.sblock("out"):
                     vb, vh, vr, vblk, vii, vk = T.axis.remap("SSSSSS", [b, h, r, blk, ii, k])
                     T.where((blk * tt + ii) * d + r < N)
                     O[vb, (vblk * tt + vii) * d + vr, vh, vk] = OT[vb, vh, vr, vblk, vii, vk]
 
-    return band_pv.with_attr("global_symbol", name)
+    return band_tpv.with_attr("global_symbol", "band_pv_transposed")

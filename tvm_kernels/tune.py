@@ -185,7 +185,7 @@ def tune_cpu(isa: str, dtype: str, trials: int, seed: int, db_root: Path,
     # TVM's thread pool sizes itself from this when first used (its default is half the CPUs)
     os.environ.setdefault("TVM_NUM_THREADS", str(ncores))
     for product in products:
-        func = specialize(tiled_func(product, dtype, target.lanes(dtype)), product, dtype)
+        func = specialize(tiled_func(product, dtype, target), product, dtype)
         func = func.with_attr("global_symbol", PRODUCTS[product])
         progress = _Progress(trials, f"tune {isa}/{dtype}/{product}")
         with tempfile.TemporaryDirectory(prefix="lftvm-tune-") as work:
@@ -251,7 +251,7 @@ def sample_space(product: str, dtype: str, isa: str, seed: int, count: int) -> l
     target = CPU_TARGETS[isa]
     points = []
     for i in range(count):
-        sch = s_tir.Schedule(tiled_func(product, dtype, target.lanes(dtype)), seed=seed + i + 1)
+        sch = s_tir.Schedule(tiled_func(product, dtype, target), seed=seed + i + 1)
         cpu_sched.schedule_tiled(sch, product, {}, target.lanes(dtype))
         points.append(knob_values(sch.trace, product))
     return points

@@ -9,9 +9,12 @@ to the symbolic function.
 
 Knobs (tiled formulation, see :mod:`tvm_kernels.tiled`):
 
-* ``rows``: tile rows per microkernel pass (register block height);
+* ``rows`` (QK, transposed PV): tile rows per microkernel pass (register block height);
 * ``panels`` (QK): key panels of ``V`` lanes per pass (register block width = panels * V);
-* ``vecs`` (PV): head-dim vectors per pass.
+* ``vecs`` (PV, transposed PV): head-dim vectors per pass (register block width = vecs * V).
+
+PV's register block height is not a knob: it is the row group of the formulation
+(:func:`pv_group`), which fixes where P is read directly and where the band's edges are masked.
 """
 
 from __future__ import annotations
@@ -21,21 +24,34 @@ from tvm import s_tir
 #: Candidate values per knob and product. ``rows`` must divide the tile height TT = V * TM.
 SPACE = {
     "qk": {"rows": [4, 8, 16], "panels": [1, 2]},
-    "pv": {"rows": [4, 8, 16], "vecs": [1, 2, 4]},
+    "pv": {"vecs": [1, 2, 4]},
     "tpv": {"rows": [4, 8, 16], "vecs": [1, 2, 4]},
 }
 
 #: The hand schedules, by vector register file: 32 registers (AVX-512) or 16 (AVX2, SSE).
-#: Accumulators take rows * panels (QK) or rows * vecs (PV) registers; the rest hold operands.
+#: Accumulators take rows * panels (QK), group * vecs (PV) or rows * vecs (transposed PV)
+#: registers; the rest hold operands.
 HAND = {
-    32: {"qk": {"rows": 8, "panels": 2}, "pv": {"rows": 4, "vecs": 4}, "tpv": {"rows": 4, "vecs": 4}},
-    16: {"qk": {"rows": 4, "panels": 2}, "pv": {"rows": 4, "vecs": 2}, "tpv": {"rows": 4, "vecs": 2}},
+    32: {"qk": {"rows": 8, "panels": 2}, "pv": {"vecs": 2}, "tpv": {"rows": 4, "vecs": 4}},
+    16: {"qk": {"rows": 4, "panels": 2}, "pv": {"vecs": 2}, "tpv": {"rows": 4, "vecs": 2}},
 }
+
+#: PV's row group (its register block height), by vector register file.
+PV_GROUP = {32: 8, 16: 4}
+
+
+def _registers(isa: str) -> int:
+    return 32 if isa == "avx512" else 16
 
 
 def hand_knobs(product: str, isa: str) -> dict:
     """The hand schedule's knob values for a product on an ISA level."""
-    return dict(HAND[32 if isa == "avx512" else 16][product])
+    return dict(HAND[_registers(isa)][product])
+
+
+def pv_group(isa: str) -> int:
+    """Rows per group in PV's formulation (:func:`tvm_kernels.tiled.make_pv`) on an ISA level."""
+    return PV_GROUP[_registers(isa)]
 
 
 KNOB_PREFIX = "lftvm_knob_"
@@ -77,14 +93,16 @@ def knobs_in(func) -> dict:
 
 def _register_block(sch: s_tir.Schedule, block, tiles, outer, reduction, rows, cols, lanes) -> None:
     """The GEMM microkernel shared by every product: accumulators in registers (a local cache
-    written back at ``outer``), rows and columns unrolled, lanes vectorised, tiles in parallel."""
+    written back at ``outer``), rows and columns unrolled, lanes vectorised, ``tiles`` (if given)
+    in parallel."""
     acc = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(acc, outer, preserve_unit_loops=True)
     sch.vectorize(lanes)
     sch.unroll(cols)
     sch.unroll(rows)
     sch.vectorize(sch.get_loops(acc)[-1])
-    sch.parallel(tiles)
+    if tiles is not None:
+        sch.parallel(tiles)
     init = sch.decompose_reduction(block, reduction)
     sch.vectorize(sch.get_loops(init)[-1])
 
@@ -104,27 +122,43 @@ def schedule_qk(sch: s_tir.Schedule, knobs: dict) -> None:
     sch.vectorize(sch.get_loops(pack_blk)[-1])
 
 
-def schedule_pv(sch: s_tir.Schedule, knobs: dict, v: int, transposed: bool = False) -> None:
+def schedule_pv(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
+    """Parallel over tiles; the middle GEMM (acc) and the two edge GEMMs (acc_lo, acc_hi) each
+    become a group x (vecs*V) register-blocked GEMM, the edges' few columns unrolled."""
+    # The tile loops (shared by the three GEMMs) are fused first: TVM 0.27's schedule state
+    # otherwise edits the second GEMM's loops in place in the function it was given, which
+    # MetaSchedule replays traces on.
+    tiles = sch.fuse(*sch.get_loops(sch.get_sblock("acc_tile")))
+    vecs = _knob(sch, "pv", knobs, "vecs", sch.get_sblock("acc"))
+    for name in ("acc", "acc_lo", "acc_hi"):
+        block = sch.get_sblock(name)
+        g, ii, k, q = sch.get_loops(block)[-4:]
+        ko, kv, kl = sch.split(k, [None, vecs, v])
+        sch.reorder(g, ko, q, ii, kv, kl)
+        _register_block(sch, block, None, ko, q, rows=ii, cols=kv, lanes=kl)
+        if name != "acc":
+            sch.unroll(q)
+    sch.parallel(tiles)
+    sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("pack"))[:3]))
+
+
+def schedule_tpv(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
     """Parallel over tiles; the acc block becomes a rows x (vecs*V) register-blocked GEMM."""
     acc_blk, pack_blk = sch.get_sblock("acc"), sch.get_sblock("pack")
     tiles = sch.fuse(*sch.get_loops(sch.get_sblock("acc_tile")))
     ii, k, q = sch.get_loops(acc_blk)
-    product = "tpv" if transposed else "pv"
-    ko, kv, kl = sch.split(k, [None, _knob(sch, product, knobs, "vecs", acc_blk), v])
-    iio, iii = sch.split(ii, [None, _knob(sch, product, knobs, "rows", acc_blk)])
+    ko, kv, kl = sch.split(k, [None, _knob(sch, "tpv", knobs, "vecs", acc_blk), v])
+    iio, iii = sch.split(ii, [None, _knob(sch, "tpv", knobs, "rows", acc_blk)])
     sch.reorder(ko, iio, q, iii, kv, kl)
     _register_block(sch, acc_blk, tiles, iio, q, rows=iii, cols=kv, lanes=kl)
-    if transposed:  # full slab rows are one tt-wide copy each
-        sch.vectorize(sch.get_loops(sch.get_sblock("shear"))[-1])
+    sch.vectorize(sch.get_loops(sch.get_sblock("shear"))[-1])  # full slab rows: one tt-wide copy
     sch.parallel(sch.fuse(*sch.get_loops(pack_blk)[:3]))
 
 
 def schedule_tiled(sch: s_tir.Schedule, product: str, knobs: dict, v: int) -> None:
-    """``product``: qk, pv or tpv (tpv takes the pv knobs)."""
-    if product == "qk":
-        schedule_qk(sch, knobs)
-    else:
-        schedule_pv(sch, knobs, v, transposed=product == "tpv")
+    """``product``: qk, pv or tpv."""
+    {"qk": lambda: schedule_qk(sch, knobs), "pv": lambda: schedule_pv(sch, knobs, v),
+     "tpv": lambda: schedule_tpv(sch, knobs, v)}[product]()
 
 
 def schedule_naive(sch: s_tir.Schedule) -> None:
