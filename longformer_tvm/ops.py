@@ -60,9 +60,9 @@ def _nonfinite(t: torch.Tensor) -> bool:
 def _nonfinite_slab(product: str, b: torch.Tensor) -> bool:
     """Whether the CPU kernel would spread a non-finite value of ``b`` beyond its band.
 
-    The CPU kernels reduce each tile of rows over a dense slab of v (pv) or x (tpv) rows, with
-    zeros for the band's holes (tvm_kernels/tiled.py); ``0 * inf`` there is NaN in rows whose band
-    never held the inf.
+    The CPU kernels multiply slab rows of v (pv) or x (tpv) by zeros where the band has holes
+    (tvm_kernels/tiled.py: pv's masked edge columns, tpv's sheared copy); ``0 * inf`` there is NaN
+    in rows whose band never held the inf.
     """
     if product == "qk" or b.device.type != "cpu":
         return False
@@ -73,16 +73,28 @@ def _nonfinite_outside(product: str, a: torch.Tensor, band: Band) -> bool:
     """Whether P holds an inf or NaN where its key is outside the sequence (CPU pv only).
 
     The reference ignores those entries. The CPU PV kernel reads P where it lies and meets them
-    with zero rows of v, so ``inf * 0`` would reach the row. Only the first ``left * d`` rows (in
-    the columns before the diagonal) and the last ``right * d`` rows (after it) hold such entries.
+    with zero rows of v, so ``inf * 0`` would reach the row. Such entries sit in two triangles:
+    the first ``left * d`` rows before the diagonal and the last ``right * d`` rows after it. Each
+    triangle is read as a few blocks of rows that cover it (with the largest dilation of the band,
+    which covers every head's triangle).
     """
     if product != "pv" or a.device.type != "cpu":
         return False
-    n = a.shape[1]
+    n, left, right = a.shape[1], band.left, band.right
     d = min(max(band.dilation, default=1), n)
-    first, last = min(n, band.left * d), min(n, band.right * d)
-    blocks = (a[:, :first, :, :band.left], a[:, n - last:, :, band.left + 1:])
+    blocks = []
+    first = min(n, left * d)
+    step = d * max(1, -(-left // _TRIANGLE_BLOCKS))
+    for r0 in range(0, first, step):  # rows r0.. miss keys before column left - r0 // d
+        blocks.append(a[:, r0:min(r0 + step, first), :, :left - r0 // d])
+    step = d * max(1, -(-right // _TRIANGLE_BLOCKS))
+    for r1 in range(n, max(0, n - right * d), -step):  # rows ..r1 miss keys past left + (n - r1) // d
+        blocks.append(a[:, max(r1 - step, n - right * d, 0):r1, :, left + 1 + (n - r1) // d:])
     return any(block.numel() and _nonfinite(block) for block in blocks)
+
+
+#: Blocks of rows per triangle in :func:`_nonfinite_outside` (more read less, but call numpy more).
+_TRIANGLE_BLOCKS = 8
 
 
 #: A kernel call packs its slab operand (about the size of its head slice of k or v) into a
