@@ -70,3 +70,31 @@ def test_untuned_products_record_the_hand_schedule():
             assert f"{product}:" in e["schedule"], e["schedule"]
             if f"{product}:hand" in e["schedule"]:
                 assert f"{product}:hand{cpu_sched.hand_knobs(product, e['isa'])}" in e["schedule"]
+
+
+def test_records_of_another_formulation_are_skipped(tmp_path):
+    """A record tuned on another function (an older tiled.py) would not replay: build must skip
+    it and keep the current records, however fast the stale one claims to be."""
+    from tvm.s_tir import meta_schedule as ms
+
+    shipped = TUNING / "cpu-avx512-float32"
+    if not shipped.is_dir():
+        pytest.skip("no avx512/float32 database shipped")
+    db = tmp_path / shipped.name
+    db.mkdir()
+    for f in shipped.iterdir():
+        (db / f.name).write_bytes(f.read_bytes())
+    before = tune.best_records(db)
+    stale = tvm.IRModule({"main": export.naive_func("pv", "float32").with_attr("global_symbol",
+                                                                               "band_pv")})
+    database = ms.database.JSONDatabase(str(db / "database_workload.json"),
+                                        str(db / "database_tuning_record.json"),
+                                        module_equality="structural")
+    record = ms.database.TuningRecord(
+        s_tir.Schedule(stale).trace, database.commit_workload(stale), [1e-9],
+        tvm.target.Target(CPU_TARGETS["avx512"].llvm()))
+    database.commit_tuning_record(record)
+    after = tune.best_records(db)
+    assert set(after) == set(before) and "pv" in after
+    assert after["pv"][1] == before["pv"][1]
+    tvm.ir.assert_structural_equal(after["pv"][0].as_json(), before["pv"][0].as_json())

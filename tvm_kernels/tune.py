@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import tvm
+import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.s_tir import meta_schedule as ms
 from tvm.ir.utils import derived_object
@@ -207,15 +208,28 @@ def tune_cpu(isa: str, dtype: str, trials: int, seed: int, db_root: Path,
     return out
 
 
+def _workload(product: str, dtype: str, isa: str) -> tvm.IRModule:
+    """The module MetaSchedule tunes for a product: the tiled function at TUNING_SHAPE."""
+    func = specialize(tiled_func(product, dtype, CPU_TARGETS[isa]), product, dtype)
+    return tvm.IRModule({"main": func.with_attr("global_symbol", PRODUCTS[product])})
+
+
 def best_records(path: Path) -> dict:
-    """{product: (trace, mean seconds)} of the fastest record per product in a database dir."""
+    """{product: (trace, mean seconds)} of the fastest record per product in a database dir
+    (``<root>/cpu-<isa>-<dtype>``).
+
+    Only records of the products' current formulation count: a record tuned on another
+    function (an older version of :mod:`tvm_kernels.tiled`) would not replay, so it is skipped
+    with a log line and the product falls back to its hand schedule.
+    """
     wl, rec = Path(path) / "database_workload.json", Path(path) / "database_tuning_record.json"
     if not (wl.is_file() and rec.is_file()):
         return {}
+    _, isa, dtype = Path(path).name.split("-")
     database = ms.database.JSONDatabase(str(wl), str(rec), allow_missing=False,
                                         module_equality="structural")
     symbol_to_product = {v: k for k, v in PRODUCTS.items()}
-    best = {}
+    current, stale, best = {}, set(), {}
     for record in database.get_all_tuning_records():
         if not record.run_secs:
             continue
@@ -224,8 +238,16 @@ def best_records(path: Path) -> dict:
         product = symbol_to_product.get(str(func.attrs.get("global_symbol", "")))
         if product is None or secs >= 1e9:
             continue
+        if product not in current:
+            current[product] = _workload(product, dtype, isa)
+        if not tvm_ffi.structural_equal(record.workload.mod, current[product]):
+            stale.add(product)
+            continue
         if product not in best or secs < best[product][1]:
             best[product] = (record.trace, secs)
+    for product in sorted(stale):
+        logger.info("%s: records in %s were tuned for another formulation of %s; skipped%s",
+                    product, path, product, "" if product in best else " (hand schedule)")
     return best
 
 
