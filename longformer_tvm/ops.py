@@ -45,56 +45,25 @@ def _prepare(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def _nonfinite(t: torch.Tensor) -> bool:
-    """Whether ``t`` holds an inf or NaN, from one sum (a false alarm needs a finite sum past the
-    dtype's range and only costs the slower path)."""
-    if t.dtype in (torch.float32, torch.float64):
+def _spread_nonfinite(product: str, out: torch.Tensor) -> bool:
+    """Whether a CPU pv/tpv result may hold an inf or NaN that the band does not.
+
+    The CPU kernels multiply some operand entries outside the band by zero (tvm_kernels/tiled.py:
+    pv's masked edge columns and zero rows for keys outside the sequence, tpv's sheared copy), so
+    an inf or NaN there becomes a NaN in a row whose band never held it. Any such value leaves a
+    non-finite result, so one sum of the result answers (and a finite result is exact); where it
+    is not finite, the product is recomputed by the reference. A false alarm (a finite sum past the
+    dtype's range) only costs the slower path. QK reads off only the band's entries of its GEMM.
+    """
+    if product == "qk" or out.device.type != "cpu":
+        return False
+    if out.dtype in (torch.float32, torch.float64):
         # numpy reduces on this thread. torch's sum would wake its OpenMP workers, which then
         # spin-wait for milliseconds and take the cores from the TVM kernel that runs next
         # (PV at N=4096 measured 26 ms instead of 20 on 2 cores).
         with np.errstate(over="ignore", invalid="ignore"):
-            return not bool(np.isfinite(t.detach().numpy().sum()))
-    return not bool(torch.isfinite(t.sum()))
-
-
-def _nonfinite_slab(product: str, b: torch.Tensor) -> bool:
-    """Whether the CPU kernel would spread a non-finite value of ``b`` beyond its band.
-
-    The CPU kernels multiply slab rows of v (pv) or x (tpv) by zeros where the band has holes
-    (tvm_kernels/tiled.py: pv's masked edge columns, tpv's sheared copy); ``0 * inf`` there is NaN
-    in rows whose band never held the inf.
-    """
-    if product == "qk" or b.device.type != "cpu":
-        return False
-    return _nonfinite(b)
-
-
-def _nonfinite_outside(product: str, a: torch.Tensor, band: Band) -> bool:
-    """Whether P holds an inf or NaN where its key is outside the sequence (CPU pv only).
-
-    The reference ignores those entries. The CPU PV kernel reads P where it lies and meets them
-    with zero rows of v, so ``inf * 0`` would reach the row. Such entries sit in two triangles:
-    the first ``left * d`` rows before the diagonal and the last ``right * d`` rows after it. Each
-    triangle is read as a few blocks of rows that cover it (with the largest dilation of the band,
-    which covers every head's triangle).
-    """
-    if product != "pv" or a.device.type != "cpu":
-        return False
-    n, left, right = a.shape[1], band.left, band.right
-    d = min(max(band.dilation, default=1), n)
-    blocks = []
-    first = min(n, left * d)
-    step = d * max(1, -(-left // _TRIANGLE_BLOCKS))
-    for r0 in range(0, first, step):  # rows r0.. miss keys before column left - r0 // d
-        blocks.append(a[:, r0:min(r0 + step, first), :, :left - r0 // d])
-    step = d * max(1, -(-right // _TRIANGLE_BLOCKS))
-    for r1 in range(n, max(0, n - right * d), -step):  # rows ..r1 miss keys past left + (n - r1) // d
-        blocks.append(a[:, max(r1 - step, n - right * d, 0):r1, :, left + 1 + (n - r1) // d:])
-    return any(block.numel() and _nonfinite(block) for block in blocks)
-
-
-#: Blocks of rows per triangle in :func:`_nonfinite_outside` (more read less, but call numpy more).
-_TRIANGLE_BLOCKS = 8
+            return not bool(np.isfinite(out.numpy().sum()))
+    return not bool(torch.isfinite(out.sum()))
 
 
 #: A kernel call packs its slab operand (about the size of its head slice of k or v) into a
@@ -152,20 +121,17 @@ def _run(product: str, a: torch.Tensor, b: torch.Tensor, band: Band, out_last: i
     if out.numel() == 0:
         return out
     kernel = _loader.kernel_for(product, a)
-    if kernel is not None and _nonfinite_slab(product, b):
-        logger.info("%s: inf or NaN in its second operand; computing it with the reference "
-                    "products, which keep them to the rows whose band holds them", product)
-        kernel = None
-    elif kernel is not None and _nonfinite_outside(product, a, band):
-        logger.info("%s: inf or NaN in P where the key is outside the sequence; computing it "
-                    "with the reference products, which ignore those entries", product)
-        kernel = None
-    if kernel is None:  # the reference backend (explicit, see _loader.backend_info) or the above
-        fn = {"qk": reference.band_qk, "pv": reference.band_pv, "tpv": reference.band_pv_transposed}
-        args = (a, b, band) if padding is None else (a, b, band, padding)
-        out.copy_(fn[product](*args))
-        return out
-    return apply_kernel(kernel, a, b, band, out, padding)
+    if kernel is not None:
+        apply_kernel(kernel, a, b, band, out, padding)
+        if not _spread_nonfinite(product, out):
+            return out
+        logger.info("%s: inf or NaN in the result; recomputing it with the reference products, "
+                    "which keep them to the rows whose band holds them", product)
+    # the reference backend (explicit, see _loader.backend_info), or the case above
+    fn = {"qk": reference.band_qk, "pv": reference.band_pv, "tpv": reference.band_pv_transposed}
+    args = (a, b, band) if padding is None else (a, b, band, padding)
+    out.copy_(fn[product](*args))
+    return out
 
 
 @torch.library.custom_op(f"{_LIB}::band_qk", mutates_args=())

@@ -181,9 +181,9 @@ def make_pv(dtype: str, v: int, group: int):
     (``acc_lo``, ``acc_hi``) need the band's test, a small masked GEMM. The three partial sums
     (OL, OM, OH) are added when the tile is written out.
 
-    Keys outside the sequence meet zero rows of the packed V, so P's entries there must be finite:
-    :func:`longformer_tvm.ops` checks them (they are outside the band and the reference ignores
-    them), as it checks V.
+    Keys outside the sequence meet zero rows of the packed V, and the masked edges meet V rows
+    with a zero, so an inf or NaN there (outside the band, where the reference ignores it) makes
+    a NaN: :mod:`longformer_tvm.ops` checks the result and recomputes such a product.
     """
     tt = 2 * group
     zero = T.cast(0, dtype)
