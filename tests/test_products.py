@@ -113,3 +113,27 @@ def test_non_contiguous_inputs_are_accepted():
     heads = torch.randn(2, 64, 8, 16)[:, :, 2:6]                # a head slice
     torch.testing.assert_close(lt.sliding_window_qk(heads, k, 5),
                                lt.sliding_window_qk(heads.contiguous(), k, 5))
+
+
+def _runnable_shipped_cpu_libraries():
+    from pathlib import Path
+
+    from longformer_tvm import _loader
+
+    prebuilt = Path(__file__).resolve().parent.parent / "prebuilt"
+    return [entry for dtype in ("float32", "float64")
+            for entry, reason in _loader.REGISTRY.candidates("cpu", dtype)
+            if not reason and entry.path.resolve().is_relative_to(prebuilt)]
+
+
+@pytest.mark.parametrize("entry", _runnable_shipped_cpu_libraries(), ids=lambda e: e.path.name)
+def test_every_isa_library_that_runs_here_matches_the_reference(entry):
+    """The products above run the library the loader picks for this CPU; the others that run
+    here (an AVX-512 machine also runs avx2 and generic) are built with other register blocks
+    (PV's row group is 4 rows on 16-register ISAs, 8 on AVX-512) and are checked here."""
+    from benchmarks.selfcheck import QUICK, check_functions
+    from longformer_tvm import _loader
+
+    rows = check_functions(_loader.REGISTRY.open(entry), getattr(torch, entry.dtype), "cpu", QUICK)
+    bad = [(r["case"], r["product"], r["err"], r["tol"]) for r in rows if not r["ok"]]
+    assert len(rows) == 3 * len(QUICK) and not bad, bad
