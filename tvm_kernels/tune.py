@@ -246,8 +246,8 @@ def best_records(path: Path) -> dict:
         if product not in best or secs < best[product][1]:
             best[product] = (record.trace, secs)
     for product in sorted(stale):
-        logger.info("%s: records in %s were tuned for another formulation of %s; skipped%s",
-                    product, path, product, "" if product in best else " (hand schedule)")
+        logger.info("%s: skipped the records in %s tuned for another formulation of it%s",
+                    product, path, "" if product in best else "; hand schedule")
     return best
 
 

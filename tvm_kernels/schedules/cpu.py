@@ -157,8 +157,12 @@ def schedule_tpv(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
 
 def schedule_tiled(sch: s_tir.Schedule, product: str, knobs: dict, v: int) -> None:
     """``product``: qk, pv or tpv."""
-    {"qk": lambda: schedule_qk(sch, knobs), "pv": lambda: schedule_pv(sch, knobs, v),
-     "tpv": lambda: schedule_tpv(sch, knobs, v)}[product]()
+    if product == "qk":
+        schedule_qk(sch, knobs)
+    elif product == "pv":
+        schedule_pv(sch, knobs, v)
+    else:
+        schedule_tpv(sch, knobs, v)
 
 
 def schedule_naive(sch: s_tir.Schedule) -> None:
