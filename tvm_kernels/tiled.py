@@ -178,8 +178,8 @@ def make_pv(dtype: str, v: int, group: int):
     row) meets row ii through ``P[ii, q - ii]``. In the middle columns ``q`` in
     ``[group - 1, C)`` that entry is inside the band for every row of the group, so the GEMM
     broadcasts it straight from P's row (``acc``). Only the ``group - 1`` columns at either end
-    (``acc_lo``, ``acc_hi``) need the band's test, a small masked GEMM. The three partial sums
-    (OL, OM, OH) are added when the tile is written out.
+    need the band's test: one small masked GEMM over both (``acc_edge``). The two partial sums
+    (OM, OE) are added when the tile is written out.
 
     Keys outside the sequence meet zero rows of the packed V, and the masked edges meet V rows
     with a zero, so an inf or NaN there (outside the band, where the reference ignores it) makes
@@ -194,8 +194,8 @@ def make_pv(dtype: str, v: int, group: int):
     def mid(C):  # middle slab columns of a group
         return T.max(C - (group - 1), T.int64(0))
 
-    def hi0(C):  # first column of the hi edge
-        return T.max(C, T.int64(group - 1))
+    def edge(C, e):  # slab column of edge column e: the group - 1 first, then the group - 1 last
+        return T.if_then_else(e < group - 1, e, T.max(C, T.int64(group - 1)) + e - (group - 1))
 
     def p_row(N, d, r, blk, g, ii):  # P row of a group row; rows past N read row N-1, unused
         return T.min((blk * tt + g * group + ii) * d + r, N - 1)
@@ -213,9 +213,8 @@ def make_pv(dtype: str, v: int, group: int):
         O = _strided(o_h, (B, N, H, D), dtype, (so0, so1, so2, T.int64(1)))
         VP = T.sblock_alloc_buffer((B, H, d, total_rows(N, d, left, right), packed_width(D, v)), dtype)
         tile_shape = (B, H, d, tiles_per_residue(N, d, tt), tt, packed_width(D, v))
-        OL = T.sblock_alloc_buffer(tile_shape, dtype)
         OM = T.sblock_alloc_buffer(tile_shape, dtype)
-        OH = T.sblock_alloc_buffer(tile_shape, dtype)
+        OE = T.sblock_alloc_buffer(tile_shape, dtype)
         for b, h, r in T.grid(B, H, d):  # the slab operand, zero outside the sequence
             for m in range(total_rows(N, d, left, right)):
                 for k in range(packed_width(D, v)):
@@ -241,44 +240,28 @@ def make_pv(dtype: str, v: int, group: int):
                             OM[vb, vh, vr, vblk, vg * group + vii, vk]
                             + P[vb, p_row(N, d, vr, vblk, vg, vii), vh, vq + (group - 1) - vii]
                             * VP[vb, vh, vr, vblk * tt + vg * group + vq + (group - 1), vk])
-            with T.sblock("lo_tile"):
-                for g, ii, k, q in T.grid(T.int64(tt // group), T.int64(group), packed_width(D, v),
-                                          T.int64(group - 1)):
-                    with T.sblock("acc_lo"):  # slab column q
-                        vb, vh, vr, vblk, vg, vii, vk, vq = T.axis.remap(
-                            "SSSSSSSR", [b, h, r, blk, g, ii, k, q])
+            with T.sblock("edge_tile"):
+                for g, ii, k, e in T.grid(T.int64(tt // group), T.int64(group), packed_width(D, v),
+                                          T.int64(2 * (group - 1))):
+                    with T.sblock("acc_edge"):  # slab column edge(C, e)
+                        vb, vh, vr, vblk, vg, vii, vk, ve = T.axis.remap(
+                            "SSSSSSSR", [b, h, r, blk, g, ii, k, e])
                         with T.init():
-                            OL[vb, vh, vr, vblk, vg * group + vii, vk] = zero
-                        OL[vb, vh, vr, vblk, vg * group + vii, vk] = (
-                            OL[vb, vh, vr, vblk, vg * group + vii, vk]
+                            OE[vb, vh, vr, vblk, vg * group + vii, vk] = zero
+                        OE[vb, vh, vr, vblk, vg * group + vii, vk] = (
+                            OE[vb, vh, vr, vblk, vg * group + vii, vk]
                             + T.if_then_else(
-                                vq >= vii and vq - vii < C,
-                                P[vb, p_row(N, d, vr, vblk, vg, vii), vh, clamp(vq - vii, 0, C - 1)],
-                                zero)
-                            * VP[vb, vh, vr, vblk * tt + vg * group + vq, vk])
-            with T.sblock("hi_tile"):
-                for g, ii, k, q in T.grid(T.int64(tt // group), T.int64(group), packed_width(D, v),
-                                          T.int64(group - 1)):
-                    with T.sblock("acc_hi"):  # slab column hi0(C) + q
-                        vb, vh, vr, vblk, vg, vii, vk, vq = T.axis.remap(
-                            "SSSSSSSR", [b, h, r, blk, g, ii, k, q])
-                        with T.init():
-                            OH[vb, vh, vr, vblk, vg * group + vii, vk] = zero
-                        OH[vb, vh, vr, vblk, vg * group + vii, vk] = (
-                            OH[vb, vh, vr, vblk, vg * group + vii, vk]
-                            + T.if_then_else(
-                                hi0(C) + vq - vii < C,
+                                edge(C, ve) >= vii and edge(C, ve) - vii < C,
                                 P[vb, p_row(N, d, vr, vblk, vg, vii), vh,
-                                  clamp(hi0(C) + vq - vii, 0, C - 1)],
+                                  clamp(edge(C, ve) - vii, 0, C - 1)],
                                 zero)
-                            * VP[vb, vh, vr, vblk * tt + vg * group + hi0(C) + vq, vk])
+                            * VP[vb, vh, vr, vblk * tt + vg * group + edge(C, ve), vk])
             for ii, k in T.grid(tt, D):
                 with T.sblock("out"):
                     vb, vh, vr, vblk, vii, vk = T.axis.remap("SSSSSS", [b, h, r, blk, ii, k])
                     T.where((blk * tt + ii) * d + r < N)
                     O[vb, (vblk * tt + vii) * d + vr, vh, vk] = (
-                        OL[vb, vh, vr, vblk, vii, vk] + OM[vb, vh, vr, vblk, vii, vk]
-                        + OH[vb, vh, vr, vblk, vii, vk])
+                        OM[vb, vh, vr, vblk, vii, vk] + OE[vb, vh, vr, vblk, vii, vk])
 
     return band_pv.with_attr("global_symbol", "band_pv")
 

@@ -123,14 +123,14 @@ def schedule_qk(sch: s_tir.Schedule, knobs: dict) -> None:
 
 
 def schedule_pv(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
-    """Parallel over tiles; the middle GEMM (acc) and the two edge GEMMs (acc_lo, acc_hi) each
-    become a group x (vecs*V) register-blocked GEMM, the edges' few columns unrolled."""
-    # The tile loops (shared by the three GEMMs) are fused first: TVM 0.27's schedule state
+    """Parallel over tiles; the middle GEMM (acc) and the edge GEMM (acc_edge) each become a
+    group x (vecs*V) register-blocked GEMM, the edge's few columns unrolled."""
+    # The tile loops (shared by the two GEMMs) are fused first: TVM 0.27's schedule state
     # otherwise edits the second GEMM's loops in place in the function it was given, which
     # MetaSchedule replays traces on.
     tiles = sch.fuse(*sch.get_loops(sch.get_sblock("acc_tile")))
     vecs = _knob(sch, "pv", knobs, "vecs", sch.get_sblock("acc"))
-    for name in ("acc", "acc_lo", "acc_hi"):
+    for name in ("acc", "acc_edge"):
         block = sch.get_sblock(name)
         g, ii, k, q = sch.get_loops(block)[-4:]
         ko, kv, kl = sch.split(k, [None, vecs, v])
