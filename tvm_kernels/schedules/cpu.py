@@ -11,10 +11,12 @@ Knobs (tiled formulation, see :mod:`tvm_kernels.tiled`):
 
 * ``rows`` (QK, transposed PV): tile rows per microkernel pass (register block height);
 * ``panels`` (QK): key panels of ``V`` lanes per pass (register block width = panels * V);
-* ``vecs`` (PV, transposed PV): head-dim vectors per pass (register block width = vecs * V).
+* ``vecs`` (transposed PV): head-dim vectors per pass (register block width = vecs * V);
+* ``edge_vecs`` (PV): the same for PV's masked edge GEMM.
 
-PV's register block height is not a knob: it is the row group of the formulation
-(:func:`pv_group`), which fixes where P is read directly and where the band's edges are masked.
+PV's middle GEMM has no knob: its register block is the formulation's row group
+(:func:`pv_group`) by :data:`tvm_kernels.tiled.PV_VECS` vectors, because the loop that prefetches
+P's next rows is part of the formulation (:func:`tvm_kernels.tiled.make_pv`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from tvm import s_tir
 #: Candidate values per knob and product. ``rows`` must divide the tile height TT = V * TM.
 SPACE = {
     "qk": {"rows": [4, 8, 16], "panels": [1, 2]},
-    "pv": {"vecs": [1, 2, 4]},
+    "pv": {"edge_vecs": [1, 2, 4]},
     "tpv": {"rows": [4, 8, 16], "vecs": [1, 2, 4]},
 }
 
@@ -32,12 +34,15 @@ SPACE = {
 #: Accumulators take rows * panels (QK), group * vecs (PV) or rows * vecs (transposed PV)
 #: registers; the rest hold operands.
 HAND = {
-    32: {"qk": {"rows": 8, "panels": 2}, "pv": {"vecs": 2}, "tpv": {"rows": 4, "vecs": 4}},
-    16: {"qk": {"rows": 4, "panels": 2}, "pv": {"vecs": 2}, "tpv": {"rows": 4, "vecs": 2}},
+    32: {"qk": {"rows": 8, "panels": 2}, "pv": {"edge_vecs": 2}, "tpv": {"rows": 4, "vecs": 4}},
+    16: {"qk": {"rows": 4, "panels": 2}, "pv": {"edge_vecs": 2}, "tpv": {"rows": 4, "vecs": 2}},
 }
 
-#: PV's row group (its register block height), by vector register file.
-PV_GROUP = {32: 8, 16: 4}
+#: PV's row group (its register block height), by vector register file. 7 rows x 2 vectors are
+#: 14 accumulators, and 896 bytes in fp32 or fp64: under the stack-buffer limit that keeps them
+#: in registers (:func:`tvm_kernels.tiled.pv_block_bytes`). 8 rows (1024 bytes) would not be,
+#: and without the prefetch measured no faster than 7.
+PV_GROUP = {32: 7, 16: 4}
 
 
 def _registers(isa: str) -> int:
@@ -91,11 +96,12 @@ def knobs_in(func) -> dict:
     return found
 
 
-def _register_block(sch: s_tir.Schedule, block, tiles, outer, reduction, rows, cols, lanes) -> None:
+def _register_block(sch: s_tir.Schedule, block, tiles, outer, reduction, rows, cols, lanes,
+                    scope: str = "local") -> None:
     """The GEMM microkernel shared by every product: accumulators in registers (a local cache
     written back at ``outer``), rows and columns unrolled, lanes vectorised, ``tiles`` (if given)
     in parallel."""
-    acc = sch.cache_write(block, 0, "local")
+    acc = sch.cache_write(block, 0, scope)
     sch.reverse_compute_at(acc, outer, preserve_unit_loops=True)
     sch.vectorize(lanes)
     sch.unroll(cols)
@@ -123,22 +129,26 @@ def schedule_qk(sch: s_tir.Schedule, knobs: dict) -> None:
 
 
 def schedule_pv(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
-    """Parallel over tiles; the middle GEMM (acc) and the edge GEMM (acc_edge) each become a
-    group x (vecs*V) register-blocked GEMM, the edge's few columns unrolled."""
+    """Parallel over tiles; the middle GEMM (acc) is a group x vecs register block whose loops the
+    formulation already has (its prefetch sits in the reduction loop), with its accumulators in a
+    stack buffer; the edge GEMM (acc_edge) becomes a group x (edge_vecs*V) register block, its few
+    columns unrolled."""
     # The tile loops (shared by the two GEMMs) are fused first: TVM 0.27's schedule state
     # otherwise edits the second GEMM's loops in place in the function it was given, which
     # MetaSchedule replays traces on.
     tiles = sch.fuse(*sch.get_loops(sch.get_sblock("acc_tile")))
-    vecs = _knob(sch, "pv", knobs, "vecs", sch.get_sblock("acc"))
-    for name in ("acc", "acc_edge"):
-        block = sch.get_sblock(name)
-        g, ii, k, q = sch.get_loops(block)[-4:]
-        ko, kv, kl = sch.split(k, [None, vecs, v])
-        sch.reorder(g, ko, q, ii, kv, kl)
-        _register_block(sch, block, None, ko, q, rows=ii, cols=kv, lanes=kl)
-        if name != "acc":
-            sch.unroll(q)
-    sch.parallel(tiles)
+    sch.unroll(sch.get_loops(sch.get_sblock("prefetch"))[-1])
+    block = sch.get_sblock("acc")
+    ko, q, ii, kv, kl = sch.get_loops(block)[-5:]
+    # "global": a buffer under 1024 bytes is a stack alloca, which LLVM keeps in registers across
+    # the prefetch; a "local" one lives in the workspace, where it cannot
+    _register_block(sch, block, tiles, ko, q, rows=ii, cols=kv, lanes=kl, scope="global")
+    edge = sch.get_sblock("acc_edge")
+    g, ii, k, q = sch.get_loops(edge)[-4:]
+    ko, kv, kl = sch.split(k, [None, _knob(sch, "pv", knobs, "edge_vecs", edge), v])
+    sch.reorder(g, ko, q, ii, kv, kl)
+    _register_block(sch, edge, None, ko, q, rows=ii, cols=kv, lanes=kl)
+    sch.unroll(q)
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("pack"))[:3]))
 
 
