@@ -19,8 +19,9 @@ are restated so that the inner loops are branch-free dense GEMMs:
   memory traffic as the GEMM reads (P is the largest operand), and a copy does not overlap the
   arithmetic. PV instead broadcasts P's entries straight from its rows in the GEMM, in groups of
   rows for which every middle slab column is inside the band; only the group's few edge columns
-  are masked (:func:`make_pv`). Transposed PV, whose P operand runs along diagonals, keeps the
-  copy (:func:`make_tpv`).
+  are masked, and the next group's rows of P are prefetched (:func:`make_pv`). It packs V per
+  work unit (a run of tiles of one head), so the GEMM reads the slab while it is in cache.
+  Transposed PV, whose P operand runs along diagonals, keeps the copy (:func:`make_tpv`).
 
 Every function takes strided tensors (any strides, unit last stride) with symbolic B, N, H, D and
 scalar window extents ``left``/``right`` (C = left + right + 1) and dilation ``d``; one compiled
@@ -46,6 +47,9 @@ PV_VECS = 2
 #: TVM keeps a "global" buffer on the stack (where LLVM can hold it in registers) below this size.
 STACK_BUFFER_BYTES = 1024
 CACHE_LINE_BYTES = 64
+#: PV's work units hold up to this many rows (more for wide bands), and a residue at least two
+#: units (see :func:`make_pv`).
+PV_UNIT_ROWS = 2048
 
 
 def pv_block_bytes(dtype: str, v: int, group: int, vecs: int = PV_VECS) -> int:
@@ -194,10 +198,20 @@ def make_pv(dtype: str, v: int, group: int, vecs: int = PV_VECS):
     P is the largest operand and each of its rows is a short stream (one head's row; the head's
     next row lies ``H`` rows on), which the hardware prefetcher picks up late. So the first
     head-dim pass of each group prefetches the next group's rows into L2, one cache line of each
-    row per line of columns (``prefetch``): 15.1 against 16.0 ms at N=4096, w=256 on 2 cores. The prefetch must sit inside the reduction loop, so the head-dim
-    split (``vecs``) is part of the formulation here, not of the schedule; and the accumulators
-    stay in registers across it only if the register block is a stack buffer, which TVM makes
-    of a "global" buffer under 1024 bytes (:func:`pv_block_bytes`).
+    row per line of columns (``prefetch``): 15.1 against 16.0 ms at N=4096, w=256 on 2 cores.
+    The prefetch must sit inside the reduction loop, so the head-dim split (``vecs``) is part of
+    the formulation here, not of the schedule; and the accumulators stay in registers across it
+    only if the register block is a stack buffer, which TVM makes of a "global" buffer under
+    1024 bytes (:func:`pv_block_bytes`).
+
+    Work units: a run of consecutive tiles of one (batch, head, residue) -- up to
+    :data:`PV_UNIT_ROWS` rows or four times the slab's overlap, and at least two units per
+    residue -- packs its own slab of V and then runs its tiles, so the packed slab is still in
+    the core's cache when the GEMM reads it, and the workspace is one unit's slab per thread.
+    (One pack of every head before all GEMMs wrote the slabs out to memory and read them back:
+    14.2 against 15.4 ms at N=4096, w=256, and slower at every shape tried.) Units, not heads,
+    are the parallel items, so one head still spreads over two cores; a unit's overlap with the
+    next is packed by both.
 
     Keys outside the sequence meet zero rows of the packed V, and the masked edges meet V rows
     with a zero, so an inf or NaN there (outside the band, where the reference ignores it) makes
@@ -211,8 +225,28 @@ def make_pv(dtype: str, v: int, group: int, vecs: int = PV_VECS):
     line = CACHE_LINE_BYTES * 8 // DataType(dtype).bits  # P entries per cache line
     chunk = vecs * v  # head-dim entries per pass
 
-    def total_rows(N, d, left, right):  # the hi edge reads up to group - 1 rows past the slab
-        return tiles_per_residue(N, d, tt) * tt + left + right + group
+    def unit_tiles(N, d, left, right):  # tiles per work unit; at least two units per residue
+        return T.min(ceil_div(T.max(T.int64(PV_UNIT_ROWS), 4 * (left + right)), tt),
+                     ceil_div(tiles_per_residue(N, d, tt), 2))
+
+    def units(N, d, left, right):  # work units per (batch, head, residue)
+        return ceil_div(tiles_per_residue(N, d, tt), T.max(unit_tiles(N, d, left, right), 1))
+
+    def unit_rows(N, d, left, right):  # a unit's slab; the hi edge reads group - 1 rows past it
+        return unit_tiles(N, d, left, right) * tt + left + right + group
+
+    def tile(N, d, left, right, u, t):  # tile t of unit u
+        return u * unit_tiles(N, d, left, right) + t
+
+    def unit_row(N, d, left, right, u, m):  # residue slab row of the unit's packed row m
+        return u * unit_tiles(N, d, left, right) * tt + m
+
+    def packed_row(N, d, left, right, u, blk, g, q):  # unit's packed row of a group's slab column
+        return (blk - u * unit_tiles(N, d, left, right)) * tt + g * group + q
+
+    def unit_tile_count(N, d, left, right, u):  # the last unit may have fewer
+        return T.min(unit_tiles(N, d, left, right),
+                     tiles_per_residue(N, d, tt) - u * unit_tiles(N, d, left, right))
 
     def mid(C):  # middle slab columns of a group
         return T.max(C - (group - 1), T.int64(0))
@@ -234,67 +268,85 @@ def make_pv(dtype: str, v: int, group: int, vecs: int = PV_VECS):
         P = _strided(p_h, (B, N, H, C), dtype, (sp0, sp1, sp2, T.int64(1)))
         Vt = _strided(v_h, (B, N, H, D), dtype, (sv0, sv1, sv2, T.int64(1)))
         O = _strided(o_h, (B, N, H, D), dtype, (so0, so1, so2, T.int64(1)))
-        VP = T.sblock_alloc_buffer((B, H, d, total_rows(N, d, left, right), packed_width(D, v)), dtype)
+        VP = T.sblock_alloc_buffer((B, H, d, units(N, d, left, right),
+                                    unit_rows(N, d, left, right), packed_width(D, v)), dtype)
         tile_shape = (B, H, d, tiles_per_residue(N, d, tt), tt, packed_width(D, v))
         OM = T.sblock_alloc_buffer(tile_shape, dtype)
         OE = T.sblock_alloc_buffer(tile_shape, dtype)
-        for b, h, r in T.grid(B, H, d):  # the slab operand, zero outside the sequence
-            for m in range(total_rows(N, d, left, right)):
+        # units outermost: the fused parallel loop's index then splits by B, H and d; split by the
+        # units' extent, TVM's LowerIntrin took minutes proving the signs of its divisions
+        for u, b, h, r in T.grid(units(N, d, left, right), B, H, d):
+            # the unit's slab, zero outside the sequence
+            for m in range(unit_tile_count(N, d, left, right, u) * tt + left + right + group):
                 for k in range(packed_width(D, v)):
                     with T.sblock("pack_zero"):
-                        vb, vh, vr, vm, vk = T.axis.remap("SSSSS", [b, h, r, m, k])
-                        T.where(m < left or m >= left + rows_in_residue(N, d, r) or k >= D)
-                        VP[vb, vh, vr, vm, vk] = zero
+                        vb, vh, vr, vu, vm, vk = T.axis.remap("SSSSSS", [b, h, r, u, m, k])
+                        T.where(unit_row(N, d, left, right, u, m) < left
+                                or unit_row(N, d, left, right, u, m)
+                                >= left + rows_in_residue(N, d, r) or k >= D)
+                        VP[vb, vh, vr, vu, vm, vk] = zero
                 for k in range(D):
                     with T.sblock("pack"):
-                        vb, vh, vr, vm, vk = T.axis.remap("SSSSS", [b, h, r, m, k])
-                        T.where(m >= left and m < left + rows_in_residue(N, d, r))
-                        VP[vb, vh, vr, vm, vk] = Vt[vb, (vm - left) * d + vr, vh, vk]
-        for b, h, blk, r in T.grid(B, H, tiles_per_residue(N, d, tt), d):
-            with T.sblock("acc_tile"):  # its own scope, so the GEMM can be scheduled alone
-                for g, ko, q in T.grid(T.int64(tt // group), packed_width(D, v) // chunk, mid(C)):
-                    if ko == 0 and q % line == 0:
-                        for ii in range(T.int64(group)):
-                            with T.sblock("prefetch"):  # the next group's rows, into L2
-                                T.reads()
-                                T.writes()
-                                T.evaluate(T.call_llvm_intrin(
-                                    "void", "llvm.prefetch.p0",
-                                    T.address_of(P[b, p_row(N, d, r, blk, g + 1, ii), h, q]),
-                                    T.int32(0), T.int32(2), T.int32(1)))
-                    for ii, kv, kl in T.grid(T.int64(group), T.int64(vecs), T.int64(v)):
-                        with T.sblock("acc"):
-                            vb, vh, vr, vblk, vg, vii = T.axis.remap("SSSSSS", [b, h, r, blk, g, ii])
-                            vk = T.axis.spatial(packed_width(D, v), ko * chunk + kv * v + kl)
-                            vq = T.axis.reduce(mid(C), q)
+                        vb, vh, vr, vu, vm, vk = T.axis.remap("SSSSSS", [b, h, r, u, m, k])
+                        T.where(unit_row(N, d, left, right, u, m) >= left
+                                and unit_row(N, d, left, right, u, m)
+                                < left + rows_in_residue(N, d, r))
+                        VP[vb, vh, vr, vu, vm, vk] = Vt[
+                            vb, (unit_row(N, d, left, right, vu, vm) - left) * d + vr, vh, vk]
+            for t in range(unit_tile_count(N, d, left, right, u)):
+                with T.sblock("acc_tile"):  # its own scope, so the GEMM can be scheduled alone
+                    for g, ko, q in T.grid(T.int64(tt // group), packed_width(D, v) // chunk, mid(C)):
+                        if ko == 0 and q % line == 0:
+                            for ii in range(T.int64(group)):
+                                with T.sblock("prefetch"):  # the next group's rows, into L2
+                                    T.reads()
+                                    T.writes()
+                                    T.evaluate(T.call_llvm_intrin(
+                                        "void", "llvm.prefetch.p0",
+                                        T.address_of(P[b, p_row(N, d, r, tile(N, d, left, right, u, t),
+                                                                g + 1, ii), h, q]),
+                                        T.int32(0), T.int32(2), T.int32(1)))
+                        for ii, kv, kl in T.grid(T.int64(group), T.int64(vecs), T.int64(v)):
+                            with T.sblock("acc"):
+                                vb, vh, vr, vu, vg, vii = T.axis.remap("SSSSSS", [b, h, r, u, g, ii])
+                                vblk = T.axis.spatial(tiles_per_residue(N, d, tt),
+                                                      tile(N, d, left, right, u, t))
+                                vk = T.axis.spatial(packed_width(D, v), ko * chunk + kv * v + kl)
+                                vq = T.axis.reduce(mid(C), q)
+                                with T.init():
+                                    OM[vb, vh, vr, vblk, vg * group + vii, vk] = zero
+                                OM[vb, vh, vr, vblk, vg * group + vii, vk] = (
+                                    OM[vb, vh, vr, vblk, vg * group + vii, vk]
+                                    + P[vb, p_row(N, d, vr, vblk, vg, vii), vh, vq + (group - 1) - vii]
+                                    * VP[vb, vh, vr, vu, packed_row(N, d, left, right, vu, vblk, vg,
+                                                                    vq + (group - 1)), vk])
+                with T.sblock("edge_tile"):
+                    for g, ii, k, e in T.grid(T.int64(tt // group), T.int64(group), packed_width(D, v),
+                                              T.int64(2 * (group - 1))):
+                        with T.sblock("acc_edge"):  # slab column edge(C, e)
+                            vb, vh, vr, vu, vg, vii, vk, ve = T.axis.remap(
+                                "SSSSSSSR", [b, h, r, u, g, ii, k, e])
+                            vblk = T.axis.spatial(tiles_per_residue(N, d, tt),
+                                                  tile(N, d, left, right, u, t))
                             with T.init():
-                                OM[vb, vh, vr, vblk, vg * group + vii, vk] = zero
-                            OM[vb, vh, vr, vblk, vg * group + vii, vk] = (
-                                OM[vb, vh, vr, vblk, vg * group + vii, vk]
-                                + P[vb, p_row(N, d, vr, vblk, vg, vii), vh, vq + (group - 1) - vii]
-                                * VP[vb, vh, vr, vblk * tt + vg * group + vq + (group - 1), vk])
-            with T.sblock("edge_tile"):
-                for g, ii, k, e in T.grid(T.int64(tt // group), T.int64(group), packed_width(D, v),
-                                          T.int64(2 * (group - 1))):
-                    with T.sblock("acc_edge"):  # slab column edge(C, e)
-                        vb, vh, vr, vblk, vg, vii, vk, ve = T.axis.remap(
-                            "SSSSSSSR", [b, h, r, blk, g, ii, k, e])
-                        with T.init():
-                            OE[vb, vh, vr, vblk, vg * group + vii, vk] = zero
-                        OE[vb, vh, vr, vblk, vg * group + vii, vk] = (
-                            OE[vb, vh, vr, vblk, vg * group + vii, vk]
-                            + T.if_then_else(
-                                edge(C, ve) >= vii and edge(C, ve) - vii < C,
-                                P[vb, p_row(N, d, vr, vblk, vg, vii), vh,
-                                  clamp(edge(C, ve) - vii, 0, C - 1)],
-                                zero)
-                            * VP[vb, vh, vr, vblk * tt + vg * group + edge(C, ve), vk])
-            for ii, k in T.grid(tt, D):
-                with T.sblock("out"):
-                    vb, vh, vr, vblk, vii, vk = T.axis.remap("SSSSSS", [b, h, r, blk, ii, k])
-                    T.where((blk * tt + ii) * d + r < N)
-                    O[vb, (vblk * tt + vii) * d + vr, vh, vk] = (
-                        OM[vb, vh, vr, vblk, vii, vk] + OE[vb, vh, vr, vblk, vii, vk])
+                                OE[vb, vh, vr, vblk, vg * group + vii, vk] = zero
+                            OE[vb, vh, vr, vblk, vg * group + vii, vk] = (
+                                OE[vb, vh, vr, vblk, vg * group + vii, vk]
+                                + T.if_then_else(
+                                    edge(C, ve) >= vii and edge(C, ve) - vii < C,
+                                    P[vb, p_row(N, d, vr, vblk, vg, vii), vh,
+                                      clamp(edge(C, ve) - vii, 0, C - 1)],
+                                    zero)
+                                * VP[vb, vh, vr, vu, packed_row(N, d, left, right, vu, vblk, vg,
+                                                                edge(C, ve)), vk])
+                for ii, k in T.grid(tt, D):
+                    with T.sblock("out"):
+                        vb, vh, vr, vii, vk = T.axis.remap("SSSSS", [b, h, r, ii, k])
+                        vblk = T.axis.spatial(tiles_per_residue(N, d, tt),
+                                              tile(N, d, left, right, u, t))
+                        T.where((tile(N, d, left, right, u, t) * tt + ii) * d + r < N)
+                        O[vb, (vblk * tt + vii) * d + vr, vh, vk] = (
+                            OM[vb, vh, vr, vblk, vii, vk] + OE[vb, vh, vr, vblk, vii, vk])
 
     return band_pv.with_attr("global_symbol", "band_pv")
 

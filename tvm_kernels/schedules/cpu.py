@@ -129,27 +129,26 @@ def schedule_qk(sch: s_tir.Schedule, knobs: dict) -> None:
 
 
 def schedule_pv(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
-    """Parallel over tiles; the middle GEMM (acc) is a group x vecs register block whose loops the
-    formulation already has (its prefetch sits in the reduction loop), with its accumulators in a
-    stack buffer; the edge GEMM (acc_edge) becomes a group x (edge_vecs*V) register block, its few
-    columns unrolled."""
-    # The tile loops (shared by the two GEMMs) are fused first: TVM 0.27's schedule state
-    # otherwise edits the second GEMM's loops in place in the function it was given, which
+    """Parallel over work units; the middle GEMM (acc) is a group x vecs register block whose loops
+    the formulation already has (its prefetch sits in the reduction loop), with its accumulators
+    in a stack buffer; the edge GEMM (acc_edge) becomes a group x (edge_vecs*V) register block,
+    its few columns unrolled."""
+    # The unit loops (shared by the pack and the GEMMs) are fused first: TVM 0.27's schedule
+    # state otherwise edits a later block's loops in place in the function it was given, which
     # MetaSchedule replays traces on.
-    tiles = sch.fuse(*sch.get_loops(sch.get_sblock("acc_tile")))
+    units = sch.fuse(*sch.get_loops(sch.get_sblock("pack"))[:4])
     sch.unroll(sch.get_loops(sch.get_sblock("prefetch"))[-1])
     block = sch.get_sblock("acc")
     ko, q, ii, kv, kl = sch.get_loops(block)[-5:]
     # "global": a buffer under 1024 bytes is a stack alloca, which LLVM keeps in registers across
     # the prefetch; a "local" one lives in the workspace, where it cannot
-    _register_block(sch, block, tiles, ko, q, rows=ii, cols=kv, lanes=kl, scope="global")
+    _register_block(sch, block, units, ko, q, rows=ii, cols=kv, lanes=kl, scope="global")
     edge = sch.get_sblock("acc_edge")
     g, ii, k, q = sch.get_loops(edge)[-4:]
     ko, kv, kl = sch.split(k, [None, _knob(sch, "pv", knobs, "edge_vecs", edge), v])
     sch.reorder(g, ko, q, ii, kv, kl)
     _register_block(sch, edge, None, ko, q, rows=ii, cols=kv, lanes=kl)
     sch.unroll(q)
-    sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("pack"))[:3]))
 
 
 def schedule_tpv(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
