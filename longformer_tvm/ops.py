@@ -66,9 +66,10 @@ def _spread_nonfinite(product: str, out: torch.Tensor) -> bool:
     return not bool(torch.isfinite(out.sum()))
 
 
-#: A kernel call packs its slab operand (about the size of its head slice of k or v) into a
-#: workspace; calls cover at most this fraction of the output's bytes (or WORKSPACE_MIN bytes), so
-#: the extra memory of a product stays a few percent of what it returns.
+#: A QK or transposed-PV kernel call packs its slab operand (about the size of its head slice of k
+#: or v) into a workspace; calls cover at most this fraction of the output's bytes (or
+#: WORKSPACE_MIN bytes), so the extra memory of a product stays a few percent of what it returns.
+#: (PV packs per work unit, one unit's slab per thread; the split costs it nothing measurable.)
 WORKSPACE_FRACTION = 1 / 32
 WORKSPACE_MIN = 8 << 20
 

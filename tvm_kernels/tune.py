@@ -127,8 +127,6 @@ class _InProcessRunner(ms.runner.PyRunner):
     def run(self, runner_inputs):
         import time
 
-        import tvm_ffi
-
         futures = []
         for inp in runner_inputs:
             try:
@@ -186,12 +184,10 @@ def tune_cpu(isa: str, dtype: str, trials: int, seed: int, db_root: Path,
     # TVM's thread pool sizes itself from this when first used (its default is half the CPUs)
     os.environ.setdefault("TVM_NUM_THREADS", str(ncores))
     for product in products:
-        func = specialize(tiled_func(product, dtype, target), product, dtype)
-        func = func.with_attr("global_symbol", PRODUCTS[product])
         progress = _Progress(trials, f"tune {isa}/{dtype}/{product}")
         with tempfile.TemporaryDirectory(prefix="lftvm-tune-") as work:
             ms.tune_tir(
-                tvm.IRModule({"main": func}), tvm.target.Target(target.llvm(ncores)), work,
+                _workload(product, dtype, isa), tvm.target.Target(target.llvm(ncores)), work,
                 max_trials_global=trials, num_trials_per_iter=min(trials, 8),
                 space=_space(product, target.lanes(dtype)), strategy="replay-trace",
                 builder=_SymbolicBuilder(dtype, target, tempfile.mkdtemp(dir=work)),
