@@ -33,7 +33,8 @@ def _csv(value: str) -> list[str]:
 
 
 def _isas(spec: str) -> list[str]:
-    from tvm_kernels.targets import CPU_TARGETS, host_isa
+    from longformer_tvm._contract import host_isa
+    from tvm_kernels.cpu.targets import CPU_TARGETS
 
     if spec == "host":
         return [host_isa()]
@@ -48,16 +49,17 @@ def _isas(spec: str) -> list[str]:
 
 def cmd_build(args) -> int:
     if args.target == "cuda":
-        from tvm_kernels import cuda_build  # provided by the CUDA build module
+        from tvm_kernels.cuda import build as cuda_build
 
         return cuda_build.main(args)
-    from tvm_kernels import export, tune
-    from tvm_kernels.targets import CPU_DTYPES
+    from longformer_tvm._contract import DTYPES
+    from tvm_kernels.cpu import build as cpu_build
+    from tvm_kernels.cpu import tune
 
-    dtypes = _csv(args.dtype) if args.dtype else list(CPU_DTYPES)
-    bad = [d for d in dtypes if d not in CPU_DTYPES]
+    dtypes = _csv(args.dtype) if args.dtype else list(DTYPES["cpu"])
+    bad = [d for d in dtypes if d not in DTYPES["cpu"]]
     if bad:
-        raise SystemExit(f"--dtype: the CPU kernels support {CPU_DTYPES}, got {bad}")
+        raise SystemExit(f"--dtype: the CPU kernels support {DTYPES['cpu']}, got {bad}")
     out = Path(args.out).resolve()
     for isa in _isas(args.isa):
         for dtype in dtypes:
@@ -69,18 +71,18 @@ def cmd_build(args) -> int:
                 f"{p}:{'tuned' if p in traces else 'hand'}{tune.knobs_of(p, isa, traces.get(p))}"
                 for p in ("qk", "pv", "tpv"))
             schedule = "naive" if args.schedule == "naive" else "hand"
-            entry = export.build_cpu(dtype, isa, out, schedule=schedule, traces=traces,
-                                     schedule_name=name)
+            entry = cpu_build.build_cpu(dtype, isa, out, schedule=schedule, traces=traces,
+                                        schedule_name=name)
             logger.info("%-8s %-8s %-28s %5.1fs -> %s", isa, dtype, entry["schedule"],
                         time.perf_counter() - t0, out / entry["file"])
     return 0
 
 
 def cmd_tune(args) -> int:
-    from tvm_kernels import tune
+    from tvm_kernels.cpu import tune
 
     if args.target == "cuda":
-        from tvm_kernels import cuda_tune  # MetaSchedule on this machine's GPU
+        from tvm_kernels.cuda import tune as cuda_tune  # MetaSchedule on this machine's GPU
 
         return cuda_tune.main(args)
     for isa in _isas(args.isa):
@@ -105,17 +107,17 @@ def cmd_compare(args) -> int:
 def cmd_main(args) -> int:
     """Make sure this machine has kernels that load and agree with the reference, then compare."""
     import longformer_tvm
-    from longformer_tvm import _loader
+    from longformer_tvm import backends
 
     for dtype in ("float32", "float64"):
         try:
-            _loader.REGISTRY.functions("cpu", dtype)
-        except _loader.KernelNotAvailableError as exc:
+            backends.functions("cpu", dtype)
+        except backends.KernelNotAvailableError as exc:
             logger.warning("%s", exc)
             args_b = argparse.Namespace(target="cpu", isa="host", dtype=dtype, schedule="tuned",
                                         out=str(PREBUILT))
             cmd_build(args_b)
-            _loader.REGISTRY.clear()
+            backends.clear()
     info = longformer_tvm.backend_info()
     for key, path in info["loaded"].items():
         logger.info("kernels for %s: %s", key, path)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import longformer_tvm as lt
-from longformer_tvm import _loader, ops
+from longformer_tvm import backends, ops
 from longformer_tvm._checks import normalize_band
 
 from . import baselines as bl
@@ -38,28 +38,29 @@ B, H, D = 1, 12, 64
 def _schedule_libraries(quick: bool) -> tuple[dict, dict]:
     """({schedule: {product: function}}, {schedule: label}): the shipped library, plus naive and
     hand built now."""
-    libs = {"shipped": _loader.REGISTRY.functions("cpu", "float32")}
-    entry = _loader.REGISTRY.chosen()[("cpu", "float32")]
+    libs = {"shipped": backends.functions("cpu", "float32")}
+    entry = backends.chosen_entries()["cpu/float32"]
     sched = str(entry.info.get("schedule", ""))
     kind = "tuned+hand" if "tuned" in sched and "hand" in sched else ("tuned" if "tuned" in sched else "hand")
     names = {"shipped": f"shipped ({kind}, {entry.info.get('isa')})"}
-    if quick or not _loader.compiler_available():
+    if quick or not backends.compiler_available():
         return libs, names
     import tvm
     import tvm_ffi
 
-    from tvm_kernels import export
-    from tvm_kernels.targets import CPU_TARGETS
+    from longformer_tvm._contract import PRODUCTS
+    from tvm_kernels.cpu import build
+    from tvm_kernels.cpu.targets import CPU_TARGETS
 
     target = CPU_TARGETS[entry.info["isa"]]
     tmp = Path(tempfile.mkdtemp(prefix="lftvm-compare-"))
     for schedule in ("naive", "hand"):
-        funcs = {export.PRODUCTS[p]: export.scheduled_func(p, "float32", target, schedule)
+        funcs = {PRODUCTS[p]: build.scheduled_func(p, "float32", target, schedule)
                  for p in ("qk", "pv", "tpv")}
         path = tmp / f"{schedule}.so"
         tvm.compile(tvm.IRModule(funcs), target=target.llvm()).export_library(str(path))
         module = tvm_ffi.load_module(str(path))
-        libs[schedule] = {p: module[s] for p, s in export.PRODUCTS.items()}
+        libs[schedule] = {p: module[s] for p, s in PRODUCTS.items()}
         names[schedule] = schedule
     return libs, names
 

@@ -1,9 +1,9 @@
 """Time offline-tuning candidates on a GPU with the TVM runtime only (no TVM compiler needed).
 
 ``python -m benchmarks.cuda_candidates DIR --json timings.json`` where DIR was written by
-``python -m tvm_kernels.cuda_tune offline-build``. Each candidate library built for this GPU's
+``python -m tvm_kernels.cuda.tune offline-build``. Each candidate library built for this GPU's
 architecture is loaded, checked against the reference on two awkward cases, and timed per
-product at the tuning shape (B=1, N=4096, H=12, D=64, w=256). ``python -m tvm_kernels.cuda_tune
+product at the tuning shape (B=1, N=4096, H=12, D=64, w=256). ``python -m tvm_kernels.cuda.tune
 offline-collect timings.json`` then writes the tuning records.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from longformer_tvm import _cuda, ops, reference
+from longformer_tvm import backends, ops, reference
 from longformer_tvm._checks import normalize_band
 
 from .cuda_bench import cuda_time
@@ -73,8 +73,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     root = Path(args.dir)
     listing = json.loads((root / "candidates.json").read_text())["candidates"]
-    arch = _cuda.device_arch(torch.device("cuda"))
-    _cuda.RUNTIME.load()
+    arch = backends.arch(torch.device("cuda"))
+    backends.load_runtime("cuda")
     import tvm_ffi
 
     rows = []

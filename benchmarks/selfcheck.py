@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from longformer_tvm import _loader, ops, reference
+from longformer_tvm import backends, ops, reference
 from longformer_tvm._checks import Band, normalize_band
 
 logger = logging.getLogger("selfcheck")
@@ -92,23 +92,19 @@ def check_functions(functions: dict, dtype: torch.dtype, device: str, cases=CASE
 
 def usable_entries():
     """(entry, reason) for every listed library; reason is '' when it runs here."""
-    reg = _loader.REGISTRY
-    out = []
-    for device, dtype in (("cpu", "float32"), ("cpu", "float64")):
-        out.extend(reg.candidates(device, dtype))
+    out = [(c.entry, c.reason) for dtype in backends.TABLE["cpu"].dtypes
+           for c in backends.candidates("cpu", dtype)]
     out.extend(cuda_entries())
     return out
 
 
 def cuda_entries():
     """CUDA libraries, judged for the architecture of cuda:0 (all skipped without a GPU)."""
-    from longformer_tvm import _cuda
-
-    arch = _cuda.device_arch(torch.device("cuda", 0)) if torch.cuda.is_available() else None
+    arch = backends.arch(torch.device("cuda", 0)) if torch.cuda.is_available() else None
     out = []
-    for dtype in _cuda.DTYPES:
-        for entry, reason in _cuda.RUNTIME.candidates(dtype, arch):
-            out.append((entry, reason or ("" if arch else "no CUDA GPU here")))
+    for dtype in backends.TABLE["cuda"].dtypes:
+        for c in backends.candidates("cuda", dtype, arch):
+            out.append((c.entry, c.reason or ("" if arch else "no CUDA GPU here")))
     # one library per (dtype): the one the loader would pick (SASS for this arch first)
     chosen, seen = [], set()
     for entry, reason in sorted(out, key=lambda er: (bool(er[1]), arch not in er[0].info.get("archs", ()))):
@@ -131,11 +127,7 @@ def main(args) -> int:
             print(f"{name:44s} skipped: {reason}")
             continue
         try:
-            if entry.device == "cuda":
-                from longformer_tvm import _cuda
-
-                _cuda.RUNTIME.load()
-            functions = _loader.REGISTRY.open(entry)
+            functions = backends.open_library(entry)
         except Exception as exc:  # a library that does not load is a failure, not a crash
             print(f"{name:44s} FAILED to load: {exc}")
             failures += 1

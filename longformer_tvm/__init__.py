@@ -8,9 +8,10 @@ is missing -- that becomes an error at call time naming what to build (see :func
 import logging as _logging
 import os as _os
 
-from . import reference
-from ._loader import KernelIntegrityError, KernelNotAvailableError, backend_info
+from . import backends, reference
+from ._errors import KernelIntegrityError, KernelNotAvailableError
 from ._pool import empty_cache
+from .backends import backend_info
 from .attention import AttentionOutput, LongformerSelfAttention
 from .functional import diagonaled_mm, sliding_window_pv, sliding_window_pv_transposed, sliding_window_qk
 
@@ -26,6 +27,7 @@ __all__ = [
     "LongformerSelfAttention",
     "AttentionOutput",
     "backend_info",
+    "backends",
     "empty_cache",
     "reference",
     "KernelNotAvailableError",

@@ -10,25 +10,15 @@ unreadable manifest is skipped as a whole. Nothing here loads a library.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import re
 from pathlib import Path, PurePosixPath
 
+from ._contract import (ENTRY_LISTS, ENTRY_OPTIONAL_STRINGS, ENTRY_STRINGS, PRODUCTS, REPO_DIR,
+                        sha256_file)
+
 logger = logging.getLogger("longformer_tvm")
-
-PRODUCTS = ("qk", "pv", "tpv")
-#: Where entries' ``sources`` live (the checkout: ``tvm_kernels/`` beside the package).
-REPO_DIR = Path(__file__).resolve().parent.parent
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def digest(path: Path) -> str | None:
@@ -80,7 +70,7 @@ def _entry_problem(directory: Path, e) -> str:
     """Why the manifest entry ``e`` cannot be used as written ('' if it is well formed)."""
     if not isinstance(e, dict):
         return f"an entry must be an object, got {type(e).__name__}"
-    for key in ("file", "device", "dtype", "sha256"):
+    for key in ENTRY_STRINGS:
         if not isinstance(e.get(key), str):
             return f"{key!r} must be a string, got {e.get(key)!r:.80}"
     if inside(directory, e["file"]) is None:
@@ -90,14 +80,14 @@ def _entry_problem(directory: Path, e) -> str:
     functions = e.get("functions")
     if not (isinstance(functions, dict) and set(PRODUCTS) <= set(functions)
             and all(isinstance(v, str) for v in functions.values())):
-        return f"functions={functions!r:.120} must map each of {PRODUCTS} to a symbol name"
-    for key in ("cpu_features", "sources", "archs"):
+        return f"functions={functions!r:.120} must map each of {tuple(PRODUCTS)} to a symbol name"
+    for key in ENTRY_LISTS:
         value = e.get(key, [])
         if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             return f"{key}={value!r:.120} must be a list of strings"
     if any(inside(REPO_DIR, src) is None for src in e.get("sources", [])):
         return f"sources={e['sources']!r:.200} must be paths inside the repository"
-    for key in ("isa", "tvm_version", "tvm_ffi_version", "source_hash", "ptx_arch"):
+    for key in ENTRY_OPTIONAL_STRINGS:
         if key in e and not isinstance(e[key], (str, type(None))):
             return f"{key}={e[key]!r:.80} must be a string"
     return ""

@@ -19,7 +19,7 @@ import logging
 import numpy as np
 import torch
 
-from . import _loader, _pool, reference
+from . import _pool, backends, reference
 from ._checks import Band
 
 _LIB = "longformer_tvm"
@@ -48,7 +48,7 @@ def _prepare(t: torch.Tensor) -> torch.Tensor:
 def _spread_nonfinite(product: str, out: torch.Tensor) -> bool:
     """Whether a CPU pv/tpv result may hold an inf or NaN that the band does not.
 
-    The CPU kernels multiply some operand entries outside the band by zero (tvm_kernels/tiled.py:
+    The CPU kernels multiply some operand entries outside the band by zero (tvm_kernels/cpu/kernels.py:
     pv's masked edge columns and zero rows for keys outside the sequence, tpv's sheared copy), so
     an inf or NaN there becomes a NaN in a row whose band never held it. Any such value leaves a
     non-finite result, so one sum of the result answers (and a finite result is exact); where it
@@ -121,14 +121,14 @@ def _run(product: str, a: torch.Tensor, b: torch.Tensor, band: Band, out_last: i
     out = _new_output((bsz, n, heads, out_last), a.dtype, a.device)
     if out.numel() == 0:
         return out
-    kernel = _loader.kernel_for(product, a)
+    kernel = backends.kernel_for(product, a)
     if kernel is not None:
         apply_kernel(kernel, a, b, band, out, padding)
         if not _spread_nonfinite(product, out):
             return out
         logger.info("%s: inf or NaN in the result; recomputing it with the reference products, "
                     "which keep them to the rows whose band holds them", product)
-    # the reference backend (explicit, see _loader.backend_info), or the case above
+    # the reference backend (explicit, see backends.backend_info), or the case above
     fn = {"qk": reference.band_qk, "pv": reference.band_pv, "tpv": reference.band_pv_transposed}
     args = (a, b, band) if padding is None else (a, b, band, padding)
     out.copy_(fn[product](*args))

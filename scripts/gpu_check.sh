@@ -16,7 +16,7 @@
 #      RESULTS_cuda.md      transformers' sliding chunks, dense SDPA and FlexAttention, plus the
 #                           copy bandwidth; RESULTS_cuda.md is a section for benchmarks/RESULTS.md
 #   5. candidate_timings.json  offline-tuning candidates timed (when .gpu_carry/candidates exists);
-#                           back here: python -m tvm_kernels.cuda_tune offline-collect FILE
+#                           back here: python -m tvm_kernels.cuda.tune offline-collect FILE
 # Results go to $OUT (the device tool's folder), else ./gpu_out. Exit status: non-zero if the
 # selfcheck or the tests failed. Step time limits add up to 570 s, inside the device tool's 600 s
 # per call (run it with timeout_s=600); every file in $OUT is written as its step ends.

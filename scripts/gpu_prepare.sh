@@ -22,12 +22,12 @@ rm -f "$CARRY"/wheels/apache_tvm_ffi-*.whl
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$CARRY/wheels" "apache-tvm-ffi==$ffi"
 
-lib=$("$PY" -c "from longformer_tvm import _cuda; print(_cuda.runtime_dir())")
+lib=$("$PY" -c "from longformer_tvm import backend_info; print(backend_info()['cuda']['runtime_dir'])")
 cp "$lib/libtvm_runtime.so" "$lib/libtvm_runtime_cuda.so" "$CARRY/tvm_runtime/"
 echo "$tvm" > "$CARRY/tvm_runtime/VERSION"
 
 if [ "${CANDIDATES:-1}" = 1 ] && [ ! -f "$CARRY/candidates/candidates.json" ]; then
-    "$PY" -m tvm_kernels.cuda_tune offline-build --arch sm_90 --dtype float32,float16 \
+    "$PY" -m tvm_kernels.cuda.tune offline-build --arch sm_90 --dtype float32,float16 \
         --out "$CARRY/candidates"
 fi
 du -sh "$CARRY"/*

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import longformer_tvm as lt
-from longformer_tvm import _loader, ops
+from longformer_tvm import ops
+
+from .registry import private_registry
 
 
 def _t(*shape, dtype=torch.float64, grad=True, seed=0):
@@ -126,11 +128,8 @@ def test_backend_info_names_the_library_and_its_isa():
 
 
 def test_missing_library_is_an_error_that_says_how_to_build(monkeypatch, tmp_path):
-    reg = _loader._Registry()
-    monkeypatch.setattr(_loader, "REGISTRY", reg)
-    monkeypatch.setattr(_loader, "prebuilt_dirs", lambda: [])
+    private_registry(monkeypatch, [])
     monkeypatch.setenv("LONGFORMER_TVM_CACHE", str(tmp_path))
-    monkeypatch.setattr(_loader, "compiler_available", lambda: False)
     with pytest.raises(lt.KernelNotAvailableError) as info:
         lt.sliding_window_qk(torch.randn(1, 8, 1, 4), torch.randn(1, 8, 1, 4), 2)
     assert "python build_kernels.py build --target cpu --dtype float32" in str(info.value)

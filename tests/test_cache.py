@@ -1,9 +1,9 @@
 """The per-user cache: its key, building into it (once, under a lock), and repairing it.
 
 One real build per session (``built_cache``: a first call with no shipped library and an empty
-cache, through ``_Registry._build`` and ``build_kernels.py``, ~30-60 s); the other tests reuse
+cache, through ``Registry._build`` and ``build_kernels.py``, ~30-60 s); the other tests reuse
 its library. Processes that race to build run the real lock + atomic-rename code of
-``tvm_kernels.export`` with the compile step replaced by writing that library slowly, or the
+``tvm_kernels.cpu.build`` with the compile step replaced by writing that library slowly, or the
 real loader with ``build_kernels.py`` replaced by a script that copies it.
 """
 
@@ -21,8 +21,10 @@ import pytest
 import torch
 
 import longformer_tvm as lt
-from longformer_tvm import _loader, reference
+from longformer_tvm import _contract, _install, _manifest, backends, reference
 from longformer_tvm._checks import normalize_band
+
+from .registry import private_registry
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = 4
@@ -37,9 +39,9 @@ def _env(cache: Path) -> dict:
 FIRST_CALL = """
 import json, sys, torch
 import longformer_tvm as lt
-from longformer_tvm import _loader, reference
+from longformer_tvm import _install, backends, reference
 from longformer_tvm._checks import normalize_band
-_loader.prebuilt_dirs = lambda: []
+backends.REGISTRY = backends.Registry(backends.TABLE, prebuilt_dirs=[])
 {setup}
 g = torch.Generator().manual_seed(0)
 q, k = (torch.randn(2, 50, 2, 6, generator=g, dtype=torch.float64) for _ in range(2))
@@ -52,7 +54,7 @@ print(json.dumps(lt.backend_info()["loaded"]))
 @pytest.fixture(scope="session")
 def built_cache(tmp_path_factory):
     """A cache filled by one real first-call build; returns (cache root, manifest entry, library)."""
-    if not _loader.compiler_available():
+    if not backends.compiler_available():
         pytest.fail("the TVM compiler (apache-tvm) is needed to test building into the cache")
     cache = tmp_path_factory.mktemp("built-cache")
     out = subprocess.run([sys.executable, "-c", FIRST_CALL.format(setup="")], capture_output=True,
@@ -64,13 +66,9 @@ def built_cache(tmp_path_factory):
     return cache, entry, loaded
 
 
-def _fresh_registry(monkeypatch, cache: Path, prebuilt: list[Path], compiler: bool) -> _loader._Registry:
-    registry = _loader._Registry()
-    monkeypatch.setattr(_loader, "REGISTRY", registry)
-    monkeypatch.setattr(_loader, "prebuilt_dirs", lambda: prebuilt)
-    monkeypatch.setattr(_loader, "compiler_available", lambda: compiler)
+def _fresh_registry(monkeypatch, cache: Path, prebuilt: list[Path], compiler: bool) -> backends.Registry:
     monkeypatch.setenv("LONGFORMER_TVM_CACHE", str(cache))
-    return registry
+    return private_registry(monkeypatch, prebuilt, compiler)
 
 
 def _qk64():
@@ -83,13 +81,13 @@ def _qk64():
 # ---- the key -------------------------------------------------------------------------------------
 def test_a_first_call_builds_into_this_versions_cache_folder(built_cache):
     cache, entry, lib = built_cache
-    versions = _loader.installed_versions()
+    versions = _contract.installed_versions()
     folder = lib.parents[1]
     assert folder.parent == cache
-    assert folder.name == (f"v{_loader.CACHE_LAYOUT}-tvm{versions['tvm']}-ffi{versions['tvm_ffi']}"
-                           f"-src{_loader.kernel_sources_hash()[:16]}")
-    assert lib.name == f"band_{_loader.host_isa()}_float64.so" and entry["isa"] == _loader.host_isa()
-    assert entry["sha256"] == _loader.sha256_file(lib)
+    assert folder.name == (f"v{_install.CACHE_LAYOUT}-tvm{versions['tvm']}-ffi{versions['tvm_ffi']}"
+                           f"-src{_install.kernel_sources_hash()[:16]}")
+    assert lib.name == f"band_{_contract.host_isa()}_float64.so" and entry["isa"] == _contract.host_isa()
+    assert entry["sha256"] == _contract.sha256_file(lib)
     assert (entry["tvm_version"], entry["tvm_ffi_version"]) == (versions["tvm"], versions["tvm_ffi"])
     assert not list(folder.rglob("*.tmp")), "a temporary file was left behind"
 
@@ -97,18 +95,18 @@ def test_a_first_call_builds_into_this_versions_cache_folder(built_cache):
 def test_the_cache_key_changes_with_each_version_and_the_sources(monkeypatch, tmp_path):
     monkeypatch.setenv("LONGFORMER_TVM_CACHE", str(tmp_path))
     base = {"tvm": "0.27.0", "tvm_ffi": "0.1.14"}
-    monkeypatch.setattr(_loader, "installed_versions", lambda: dict(base))
-    monkeypatch.setattr(_loader, "kernel_sources_hash", lambda: "a" * 64)
-    first = _loader.cache_library_dir()
+    monkeypatch.setattr(_install, "installed_versions", lambda: dict(base))
+    monkeypatch.setattr(_install, "kernel_sources_hash", lambda: "a" * 64)
+    first = _install.cache_library_dir()
     keys = {first}
     for change in ({"tvm": "0.28.0"}, {"tvm_ffi": "0.1.15"}):
-        monkeypatch.setattr(_loader, "installed_versions", lambda c=change: {**base, **c})
-        keys.add(_loader.cache_library_dir())
-    monkeypatch.setattr(_loader, "installed_versions", lambda: dict(base))
-    monkeypatch.setattr(_loader, "kernel_sources_hash", lambda: "b" * 64)
-    keys.add(_loader.cache_library_dir())
-    monkeypatch.setattr(_loader, "installed_versions", lambda: {"tvm": "1/../../x", "tvm_ffi": ""})
-    odd = _loader.cache_library_dir()
+        monkeypatch.setattr(_install, "installed_versions", lambda c=change: {**base, **c})
+        keys.add(_install.cache_library_dir())
+    monkeypatch.setattr(_install, "installed_versions", lambda: dict(base))
+    monkeypatch.setattr(_install, "kernel_sources_hash", lambda: "b" * 64)
+    keys.add(_install.cache_library_dir())
+    monkeypatch.setattr(_install, "installed_versions", lambda: {"tvm": "1/../../x", "tvm_ffi": ""})
+    odd = _install.cache_library_dir()
     keys.add(odd)
     assert len(keys) == 5 and all(k.parent == tmp_path for k in keys), keys
     assert "/" not in odd.name and ".." != odd.name
@@ -120,26 +118,26 @@ def test_the_sources_hash_covers_every_kernel_source(monkeypatch, tmp_path):
     for rel in ("band.py", "schedules/cpu.py"):
         (kernels / rel).write_text("x = 1\n")
     (tmp_path / "build_kernels.py").write_text("")
-    monkeypatch.setattr(_loader, "_REPO_DIR", tmp_path)
-    monkeypatch.setattr(_loader, "KERNEL_SOURCES", kernels)
-    before = _loader.kernel_sources_hash()
+    monkeypatch.setattr(_install, "REPO_DIR", tmp_path)
+    monkeypatch.setattr(_install, "KERNEL_SOURCES", kernels)
+    before = _install.kernel_sources_hash()
     (kernels / "schedules" / "cpu.py").write_text("x = 2\n")
-    assert _loader.kernel_sources_hash() != before
-    monkeypatch.setattr(_loader, "KERNEL_SOURCES", tmp_path / "absent")
-    assert _loader.kernel_sources_hash() is None
+    assert _install.kernel_sources_hash() != before
+    monkeypatch.setattr(_install, "KERNEL_SOURCES", tmp_path / "absent")
+    assert _install.kernel_sources_hash() is None
 
 
 def test_the_cache_location_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("LONGFORMER_TVM_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert _loader.cache_dir() == tmp_path / "xdg" / "longformer_tvm"
+    assert _install.cache_dir() == tmp_path / "xdg" / "longformer_tvm"
     monkeypatch.setenv("LONGFORMER_TVM_CACHE", str(tmp_path / "mine"))
-    assert _loader.cache_dir() == tmp_path / "mine"
-    assert _loader.cache_library_dir().parent == tmp_path / "mine"
+    assert _install.cache_dir() == tmp_path / "mine"
+    assert _install.cache_library_dir().parent == tmp_path / "mine"
     monkeypatch.delenv("LONGFORMER_TVM_CACHE")
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert _loader.cache_dir() == tmp_path / "home" / ".cache" / "longformer_tvm"
+    assert _install.cache_dir() == tmp_path / "home" / ".cache" / "longformer_tvm"
 
 
 # ---- repairing a corrupt cache -------------------------------------------------------------------
@@ -187,12 +185,12 @@ def test_a_corrupt_cache_library_is_logged_rebuilt_once_and_loaded(built_cache, 
     lib.write_bytes(lib.read_bytes()[:1000])  # truncated
     _fresh_registry(monkeypatch, cache, [], compiler=True)
     script, log = _fake_builder(tmp_path, built_cache)
-    monkeypatch.setattr(_loader, "BUILD_SCRIPT", script)
+    monkeypatch.setattr(_install, "BUILD_SCRIPT", script)
     with caplog.at_level(logging.WARNING, logger="longformer_tvm"):
         _qk64()
     assert f"{lib}: sha256" in caplog.text
     (args,) = _builds(log)
-    assert args == ["build", "--target", "cpu", "--isa", _loader.host_isa(), "--dtype", "float64",
+    assert args == ["build", "--target", "cpu", "--isa", _contract.host_isa(), "--dtype", "float64",
                     "--out", str(lib.parents[1])]
     assert lt.backend_info()["loaded"]["cpu/float64"] == str(lib)
 
@@ -202,7 +200,7 @@ def test_a_rebuild_that_stays_corrupt_is_tried_once_then_an_error(built_cache, t
     lib.write_bytes(b"\0" * 100)
     _fresh_registry(monkeypatch, cache, [], compiler=True)
     script, log = _fake_builder(tmp_path, built_cache, repair=False)
-    monkeypatch.setattr(_loader, "BUILD_SCRIPT", script)
+    monkeypatch.setattr(_install, "BUILD_SCRIPT", script)
     for _ in range(2):
         with pytest.raises(lt.KernelIntegrityError) as info:
             _qk64()
@@ -268,13 +266,13 @@ def barrier(folder, i, n):
         time.sleep(0.01)
 """
 
-# tvm_kernels.export.build_cpu with the compile replaced by a module that writes the session's
+# tvm_kernels.cpu.build.build_cpu with the compile replaced by a module that writes the session's
 # library in slow chunks: the build lock, the temporary file, the rename and the manifest update
 # are the real ones.
 EXPORT_RACE = BARRIER + """
 import sys
 from pathlib import Path
-from tvm_kernels import export
+from tvm_kernels.cpu import build
 source, out, i = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 
 class SlowModule:
@@ -286,9 +284,9 @@ class SlowModule:
                 f.flush()
                 time.sleep(0.05)
 
-export.compile_cpu = lambda *args, **kwargs: SlowModule()
+build.compile_cpu = lambda *args, **kwargs: SlowModule()
 barrier(out.parent, i, {n})
-entry = export.build_cpu("float64", sys.argv[4], out)
+entry = build.build_cpu("float64", sys.argv[4], out)
 print(entry["sha256"])
 """
 
@@ -308,23 +306,23 @@ def test_four_processes_building_the_same_library_at_once_leave_one_valid_librar
     for p, (_, stderr) in zip(procs, results):
         assert p.returncode == 0, stderr[-3000:]
     built = out / "cpu" / lib.name
-    assert {stdout.split()[-1] for stdout, _ in results} == {_loader.sha256_file(lib)}
+    assert {stdout.split()[-1] for stdout, _ in results} == {_contract.sha256_file(lib)}
     manifest = json.loads((out / "manifest.json").read_text())
     assert [(e["device"], e["dtype"], e["isa"]) for e in manifest["libraries"]] == [
         ("cpu", "float64", entry["isa"])]
-    assert manifest["libraries"][0]["sha256"] == _loader.sha256_file(built) == _loader.sha256_file(lib)
+    assert manifest["libraries"][0]["sha256"] == _contract.sha256_file(built) == _contract.sha256_file(lib)
     assert sorted(p.name for p in out.rglob("*") if p.is_file() and not p.name.endswith(".lock")) == [
         lib.name, "manifest.json"], "temporary files were left behind"
-    registry = _loader._Registry()
-    fresh = registry.open(_loader.read_manifest(out)[0])
-    assert set(fresh) == set(_loader.PRODUCTS)
+    fresh = backends.Registry(backends.TABLE).open(_manifest.read_manifest(out)[0])
+    assert set(fresh) == set(_contract.PRODUCTS)
 
 
 def test_four_processes_whose_first_call_needs_a_build_build_it_once(built_cache, tmp_path):
     script, log = _fake_builder(tmp_path, built_cache, sleep=2.0)
     cache = tmp_path / "cache"
-    setup = (BARRIER + f"\n_loader.compiler_available = lambda: True\n"
-             f"_loader.BUILD_SCRIPT = __import__('pathlib').Path({str(script)!r})\n"
+    setup = (BARRIER + "\nbackends.REGISTRY = backends.Registry(backends.TABLE, prebuilt_dirs=[], "
+             "compiler=True)\n"
+             f"_install.BUILD_SCRIPT = __import__('pathlib').Path({str(script)!r})\n"
              f"barrier({str(tmp_path)!r}, int(sys.argv[1]), {WORKERS})\n")
     code = FIRST_CALL.format(setup=setup)
     procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], stdout=subprocess.PIPE,

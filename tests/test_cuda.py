@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import longformer_tvm as lt
-from longformer_tvm import _cuda, reference
+from longformer_tvm import backends, reference
 from longformer_tvm._checks import normalize_band
 
 from .oracle import assert_close_to_oracle, dense_pv, dense_qk, dense_tpv
@@ -134,5 +134,5 @@ def test_backend_info_names_the_library():
     lt.sliding_window_qk(torch.randn(1, 8, 1, 4, device="cuda"), torch.randn(1, 8, 1, 4, device="cuda"), 2)
     info = lt.backend_info()["cuda"]
     assert info["gpus"] and any(k.endswith("/float32") for k in info["loaded"])
-    arch = _cuda.device_arch(torch.device("cuda"))
+    arch = backends.arch(torch.device("cuda"))
     assert any(k.startswith(arch) for k in info["loaded"])

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from longformer_tvm import _cuda, _loader, reference
+from longformer_tvm import _contract, _manifest, backends, reference
 from longformer_tvm._checks import normalize_band
 from longformer_tvm.ops import apply_kernel
-from tvm_kernels import cuda_build, fatbin
+from tvm_kernels.cuda import build as cuda_build
+from tvm_kernels.cuda import fatbin
 
 REPO = Path(__file__).resolve().parent.parent
 PREBUILT = REPO / "prebuilt"
@@ -29,7 +30,7 @@ REQUIRED_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 
 
 def _cuda_entries():
-    return [e for e in _loader.read_manifest(PREBUILT) if e.device == "cuda"]
+    return [e for e in _manifest.read_manifest(PREBUILT) if e.device == "cuda"]
 
 
 def _entry_id(entry):
@@ -46,16 +47,16 @@ def cuobjdump():
 
 def test_committed_libraries_cover_every_dtype_and_arch():
     covered = {(e.dtype, a) for e in _cuda_entries() for a in e.info["archs"]}
-    missing = [(d, a) for d in cuda_build.CUDA_DTYPES for a in REQUIRED_ARCHS if (d, a) not in covered]
+    missing = [(d, a) for d in _contract.DTYPES["cuda"] for a in REQUIRED_ARCHS if (d, a) not in covered]
     assert not missing, f"prebuilt/ lacks CUDA libraries for {missing}"
 
 
 @pytest.mark.parametrize("entry", _cuda_entries(), ids=_entry_id)
 def test_library_matches_sha256_and_sources(entry):
     assert entry.path.is_file(), f"{entry.path} is listed in the manifest but missing"
-    assert _loader.sha256_file(entry.path) == entry.info["sha256"]
-    assert entry.info["sources"] == cuda_build.CUDA_SOURCES
-    assert _loader.source_hash(entry.info["sources"]) == entry.info["source_hash"], (
+    assert _contract.sha256_file(entry.path) == entry.info["sha256"]
+    assert entry.info["sources"] == _contract.SOURCES["cuda"]
+    assert _contract.source_hash(entry.info["sources"]) == entry.info["source_hash"], (
         f"{entry.path.name} was built from other kernel sources: rebuild with "
         "`python build_kernels.py build --target cuda --arch sm_80,sm_86,sm_89,sm_90`")
     size = entry.path.stat().st_size
@@ -67,9 +68,9 @@ def test_library_holds_sass_for_every_listed_arch(entry, cuobjdump):
     blobs = fatbin.extract_fatbins(entry.path.read_bytes())
     assert len(blobs) == 1, f"{entry.path.name}: expected one fatbin, found {len(blobs)}"
     code = fatbin.list_code(blobs[0], cuobjdump)
-    assert code["sass"] == sorted(entry.info["archs"], key=cuda_build.arch_number), code
+    assert code["sass"] == sorted(entry.info["archs"], key=_contract.arch_number), code
     assert code["ptx"] == [entry.info["ptx_arch"]], code
-    assert entry.info["ptx_arch"] == max(entry.info["archs"], key=cuda_build.arch_number)
+    assert entry.info["ptx_arch"] == max(entry.info["archs"], key=_contract.arch_number)
 
 
 @pytest.mark.parametrize("entry", _cuda_entries(), ids=_entry_id)
@@ -79,21 +80,21 @@ def test_manifest_entry_fields(entry):
                 "min_driver_cuda", "functions", "tvm_version", "tvm_ffi_version", "sha256",
                 "sources", "source_hash", "schedule"):
         assert key in info, key
-    assert info["functions"] == cuda_build.PRODUCTS
+    assert info["functions"] == _contract.PRODUCTS
     major = int(info["cuda_version"].split(".")[0])
-    assert (info["min_driver"], info["min_driver_cuda"]) == cuda_build.MIN_DRIVER[major]
-    versions = _loader.installed_versions()
+    assert (info["min_driver"], info["min_driver_cuda"]) == _contract.MIN_DRIVER[major]
+    versions = _contract.installed_versions()
     assert (info["tvm_version"], info["tvm_ffi_version"]) == (versions["tvm"], versions["tvm_ffi"])
 
 
 def test_loader_lists_committed_libraries_as_usable_for_their_archs():
-    for dtype in cuda_build.CUDA_DTYPES:
+    for dtype in _contract.DTYPES["cuda"]:
         for arch in REQUIRED_ARCHS:
-            usable = [e for e, reason in _cuda.RUNTIME.candidates(dtype, arch) if not reason]
+            usable = [c for c in backends.candidates("cuda", dtype, arch) if c.usable]
             assert usable, f"no usable CUDA library for {dtype} on {arch}"
     # a newer GPU runs the PTX; an older one has nothing
-    assert [e for e, r in _cuda.RUNTIME.candidates("float32", "sm_120") if not r]
-    reasons = [r for _, r in _cuda.RUNTIME.candidates("float32", "sm_75")]
+    assert [c for c in backends.candidates("cuda", "float32", "sm_120") if c.usable]
+    reasons = [c.reason for c in backends.candidates("cuda", "float32", "sm_75")]
     assert reasons and all("not sm_75" in r for r in reasons)
 
 
@@ -124,7 +125,7 @@ def cpu_definitions():
     """The three definitions per dtype at small tiles (more tile edges per case), on the CPU."""
     import tvm
 
-    from tvm_kernels import cuda_kernels as ck
+    from tvm_kernels.cuda import kernels as ck
 
     out = {}
     for dtype in DEF_DTYPES:
@@ -179,8 +180,8 @@ def test_definitions_match_reference_on_cpu(cpu_definitions, case, dtype):
 def test_every_schedule_in_the_space_applies():
     from tvm import s_tir
 
-    from tvm_kernels import cuda_kernels as ck
-    from tvm_kernels.schedules import cuda as sched
+    from tvm_kernels.cuda import kernels as ck
+    from tvm_kernels.cuda import schedules as sched
 
     for (kind, width), tiles in sched.TILES.items():
         dtype = "float32" if width == 4 else "float16"
@@ -208,7 +209,7 @@ def test_stub_exports_every_driver_symbol_the_runtime_imports(tmp_path):
     import shutil
     import subprocess
 
-    lib = _cuda.runtime_dir() / "libtvm_runtime_cuda.so"
+    lib = _contract.tvm_lib_dir() / "libtvm_runtime_cuda.so"
     if shutil.which("cc") is None or shutil.which("nm") is None:
         pytest.skip("no C compiler / nm: the driverless build cannot run here either")
     stub = cuda_build.build_stub(lib, tmp_path)
@@ -232,10 +233,12 @@ def test_tuning_records_are_data(tmp_path, monkeypatch):
 def test_metaschedule_space_and_decisions():
     from tvm import s_tir
 
-    from tvm_kernels import cuda_kernels as ck
-    from tvm_kernels import cuda_tune
-    from tvm_kernels.schedules import cuda as sched
-    func = cuda_tune.specialize(ck.make_pv("float16", sched.TILES[("pv", 2)]), "pv", "float16", cuda_tune.TUNING_SHAPE)
+    from tvm_kernels import band
+    from tvm_kernels.cuda import kernels as ck
+    from tvm_kernels.cuda import schedules as sched
+    from tvm_kernels.cuda import tune as cuda_tune
+    func = band.specialize(ck.make_pv("float16", sched.TILES[("pv", 2)]), "pv", "float16",
+                           _contract.TUNING_SHAPE, pad=float("-inf"))
     sch = s_tir.Schedule(func, seed=3)
     sched.schedule(sch, "pv", {})
     knobs = cuda_tune.knob_values(sch.trace)
@@ -244,7 +247,7 @@ def test_metaschedule_space_and_decisions():
 
 
 def test_offline_collect_keeps_the_fastest_correct_candidate(tmp_path):
-    from tvm_kernels import cuda_tune
+    from tvm_kernels.cuda import tune as cuda_tune
 
     cfg = lambda i: {"qk": {"tiles": {"tm": i}, "knobs": {}}, "pv": {"tiles": {"tm": i}, "knobs": {}}}  # noqa: E731
     rows = []

@@ -23,24 +23,23 @@ import torch
 import tvm_ffi
 
 import longformer_tvm as lt
-from longformer_tvm import _loader, reference
+from longformer_tvm import _contract, _install, backends, reference
 from longformer_tvm._checks import normalize_band
+
+from .registry import private_registry, private_registry_code
 
 
 def runnable_library(dtype: str) -> tuple[Path, dict]:
     """A shipped cpu library of ``dtype`` that runs here, best ISA first, and its manifest entry
     without ``sources``: these tests are about files and manifests, so a library whose sources
     were edited since it was built (stale, which the real loader refuses) serves as well."""
-    features, versions = _loader.host_cpu_features(), _loader.installed_versions()
-    rank = list(_loader.CPU_ISAS)
+    rank = list(_contract.CPU_ISAS)
     found = []
-    for directory in _loader.prebuilt_dirs():
-        for e in _loader.read_manifest(directory):
-            info = {k: v for k, v in e.info.items() if k not in ("sources", "source_hash")}
-            entry = _loader.LibraryEntry(e.path, info, directory)
-            if info["device"] == "cpu" and info["dtype"] == dtype and not _loader._Registry._unusable(
-                    entry, features, versions):
-                found.append((rank.index(info["isa"]) if info["isa"] in rank else len(rank), e.path, info))
+    for c in backends.candidates("cpu", dtype):
+        info = {k: v for k, v in c.entry.info.items() if k not in ("sources", "source_hash")}
+        entry = backends.LibraryEntry(c.entry.path, info, c.entry.directory)
+        if not c.entry.cached and not backends.REGISTRY.reasons(entry, ("cpu", dtype, "")):
+            found.append((rank.index(info["isa"]) if info["isa"] in rank else len(rank), c.entry.path, info))
     assert found, f"no shipped cpu {dtype} library runs here (prebuilt/manifest.json)"
     _, path, info = min(found, key=lambda f: f[0])
     return path, info
@@ -60,7 +59,6 @@ class Lab:
         shutil.copyfile(source, self.lib)
         self.good = self.lib.read_bytes()
         self.write_manifest([self.entry])
-        self.registry = _loader._Registry()
         self.loads: list[str] = []
         real_load = tvm_ffi.load_module
 
@@ -69,9 +67,7 @@ class Lab:
             return real_load(path, *args, **kwargs)
 
         monkeypatch.setattr(tvm_ffi, "load_module", counting_load)
-        monkeypatch.setattr(_loader, "REGISTRY", self.registry)
-        monkeypatch.setattr(_loader, "prebuilt_dirs", lambda: [self.prebuilt])
-        monkeypatch.setattr(_loader, "compiler_available", lambda: False)
+        self.registry = private_registry(monkeypatch, [self.prebuilt])
         monkeypatch.setenv("LONGFORMER_TVM_CACHE", str(self.cache))
 
     def write_manifest(self, libraries, directory: Path | None = None) -> None:
@@ -181,7 +177,7 @@ def test_a_malformed_manifest_is_skipped_and_the_next_folder_serves(lab, monkeyp
     good = lab.root / "second"
     shutil.copytree(lab.prebuilt, good)
     (lab.prebuilt / "manifest.json").write_bytes(MALFORMED_MANIFESTS[text])
-    monkeypatch.setattr(_loader, "prebuilt_dirs", lambda: [lab.prebuilt, good])
+    private_registry(monkeypatch, [lab.prebuilt, good])
     with caplog.at_level(logging.WARNING, logger="longformer_tvm"):
         _qk()
         info = lt.backend_info()
@@ -235,12 +231,10 @@ def test_import_and_calls_survive_a_malformed_cache_manifest(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "manifest.json").write_bytes(b"[" * 100_000)
-    keyed = cache / _loader.cache_library_dir().name  # this installation's cache folder
+    keyed = cache / _install.cache_library_dir().name  # this installation's cache folder
     keyed.mkdir()
     (keyed / "manifest.json").write_text('{"libraries": [{"file": "/etc/passwd"}]}')
-    code = ("import pathlib, torch, longformer_tvm as lt; from longformer_tvm import _loader; "
-            f"_loader.prebuilt_dirs = lambda: [pathlib.Path({str(shipped)!r})]; "
-            "_loader.compiler_available = lambda: False; lt.backend_info(); "
+    code = (private_registry_code([shipped]) + "import torch, longformer_tvm as lt; lt.backend_info(); "
             "print(lt.sliding_window_qk(torch.ones(1, 4, 1, 2), torch.ones(1, 4, 1, 2), 1).sum().item())")
     env = {**os.environ, "LONGFORMER_TVM_CACHE": str(cache)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
@@ -251,7 +245,7 @@ def test_import_and_calls_survive_a_malformed_cache_manifest(tmp_path):
 
 def test_a_file_that_matches_its_sha256_but_is_no_library_is_an_error(lab):
     lab.lib.write_bytes(b"#!/bin/sh\necho not a library\n")
-    lab.write_manifest([lab.entry_for(sha256=_loader.sha256_file(lab.lib))])
+    lab.write_manifest([lab.entry_for(sha256=_contract.sha256_file(lab.lib))])
     with pytest.raises(lt.KernelIntegrityError, match="matches its sha256 but did not load"):
         _qk()
 
@@ -264,7 +258,7 @@ def test_a_library_without_the_named_functions_is_an_error(lab):
 
 def test_a_reader_racing_a_rebuild_waits_for_the_manifest_and_loads_the_new_file(lab):
     """A writer renames the new file into place, then records its sha256, under the manifest lock
-    (tvm_kernels.export.publish_library); a reader in between must wait, not cry corruption."""
+    (tvm_kernels.publish.publish_library); a reader in between must wait, not cry corruption."""
     new = lab.good + b"\0" * 64  # a different, equally loadable file
     lock = filelock.FileLock(str(lab.prebuilt / "manifest.json.lock"))
     errors: list[BaseException] = []
@@ -283,7 +277,7 @@ def test_a_reader_racing_a_rebuild_waits_for_the_manifest_and_loads_the_new_file
         reader.start()
         time.sleep(1.0)
         assert reader.is_alive() and not errors, errors
-        lab.write_manifest([lab.entry_for(sha256=_loader.sha256_file(lab.lib))])
+        lab.write_manifest([lab.entry_for(sha256=_contract.sha256_file(lab.lib))])
     reader.join(timeout=60)
     assert not errors, errors
     assert lab.loads == [str(lab.lib)]

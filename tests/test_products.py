@@ -118,12 +118,11 @@ def test_non_contiguous_inputs_are_accepted():
 def _runnable_shipped_cpu_libraries():
     from pathlib import Path
 
-    from longformer_tvm import _loader
+    from longformer_tvm import backends
 
     prebuilt = Path(__file__).resolve().parent.parent / "prebuilt"
-    return [entry for dtype in ("float32", "float64")
-            for entry, reason in _loader.REGISTRY.candidates("cpu", dtype)
-            if not reason and entry.path.resolve().is_relative_to(prebuilt)]
+    return [c.entry for dtype in backends.TABLE["cpu"].dtypes for c in backends.candidates("cpu", dtype)
+            if c.usable and c.entry.path.resolve().is_relative_to(prebuilt)]
 
 
 @pytest.mark.parametrize("entry", _runnable_shipped_cpu_libraries(), ids=lambda e: e.path.name)
@@ -132,8 +131,8 @@ def test_every_isa_library_that_runs_here_matches_the_reference(entry):
     here (an AVX-512 machine also runs avx2 and generic) are built with other register blocks
     (PV's row group is 4 rows on 16-register ISAs, 8 on AVX-512) and are checked here."""
     from benchmarks.selfcheck import QUICK, check_functions
-    from longformer_tvm import _loader
+    from longformer_tvm import backends
 
-    rows = check_functions(_loader.REGISTRY.open(entry), getattr(torch, entry.dtype), "cpu", QUICK)
+    rows = check_functions(backends.open_library(entry), getattr(torch, entry.dtype), "cpu", QUICK)
     bad = [(r["case"], r["product"], r["err"], r["tol"]) for r in rows if not r["ok"]]
     assert len(rows) == 3 * len(QUICK) and not bad, bad

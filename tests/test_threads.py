@@ -14,9 +14,10 @@ import torch
 import tvm_ffi
 
 import longformer_tvm as lt
-from longformer_tvm import _loader, _manifest, reference
+from longformer_tvm import _manifest, reference
 from longformer_tvm._checks import normalize_band
 
+from .registry import private_registry
 from .test_integrity import runnable_library
 
 THREADS = 8
@@ -34,10 +35,7 @@ def fresh_registry(monkeypatch, tmp_path):
         shutil.copyfile(source, tmp_path / entry["file"])
         entries.append(entry)
     (tmp_path / "manifest.json").write_text(json.dumps({"libraries": entries}))
-    registry = _loader._Registry()
-    monkeypatch.setattr(_loader, "REGISTRY", registry)
-    monkeypatch.setattr(_loader, "prebuilt_dirs", lambda: [tmp_path])
-    monkeypatch.setattr(_loader, "compiler_available", lambda: False)
+    private_registry(monkeypatch, [tmp_path])
     monkeypatch.setenv("LONGFORMER_TVM_CACHE", str(tmp_path / "cache"))
     counts = {"sha256": [], "load": []}
     real_sha, real_load = _manifest.sha256_file, tvm_ffi.load_module

@@ -15,9 +15,10 @@ tvm = pytest.importorskip("tvm")
 
 from tvm import s_tir  # noqa: E402
 
-from tvm_kernels import export, tune  # noqa: E402
-from tvm_kernels.schedules import cpu as cpu_sched  # noqa: E402
-from tvm_kernels.targets import CPU_TARGETS  # noqa: E402
+from longformer_tvm._contract import PRODUCTS  # noqa: E402
+from tvm_kernels.cpu import build, tune  # noqa: E402
+from tvm_kernels.cpu import schedules as cpu_sched  # noqa: E402
+from tvm_kernels.cpu.targets import CPU_TARGETS  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TUNING = REPO / "prebuilt" / "tuning"
@@ -46,10 +47,10 @@ def test_saved_database_replays_to_the_recorded_schedule(db):
         # the shipped library was built from exactly this record
         assert f"{product}:tuned{knobs}" in entries[0]["schedule"]
         # replaying the record gives the hand schedule with the same knob values, twice
-        replayed = [export.scheduled_func(product, dtype, target, trace=trace) for _ in range(2)]
-        sch = s_tir.Schedule(export.tiled_func(product, dtype, target))
+        replayed = [build.scheduled_func(product, dtype, target, trace=trace) for _ in range(2)]
+        sch = s_tir.Schedule(build.tiled_func(product, dtype, target))
         cpu_sched.schedule_tiled(sch, product, knobs, target.lanes(dtype))
-        by_hand = sch.mod["main"].with_attr("global_symbol", export.PRODUCTS[product])
+        by_hand = sch.mod["main"].with_attr("global_symbol", PRODUCTS[product])
         tvm.ir.assert_structural_equal(replayed[0], replayed[1])
         tvm.ir.assert_structural_equal(replayed[0], by_hand)
 
@@ -73,7 +74,7 @@ def test_untuned_products_record_the_hand_schedule():
 
 
 def test_records_of_another_formulation_are_skipped(tmp_path):
-    """A record tuned on another function (an older tiled.py) would not replay: build must skip
+    """A record tuned on another function (an older cpu/kernels.py) would not replay: build must skip
     it and keep the current records, however fast the stale one claims to be."""
     from tvm.s_tir import meta_schedule as ms
 
@@ -85,8 +86,8 @@ def test_records_of_another_formulation_are_skipped(tmp_path):
     for f in shipped.iterdir():
         (db / f.name).write_bytes(f.read_bytes())
     before = tune.best_records(db)
-    stale = tvm.IRModule({"main": export.naive_func("pv", "float32").with_attr("global_symbol",
-                                                                               "band_pv")})
+    stale = tvm.IRModule({"main": build.naive_func("pv", "float32").with_attr("global_symbol",
+                                                                              "band_pv")})
     database = ms.database.JSONDatabase(str(db / "database_workload.json"),
                                         str(db / "database_tuning_record.json"),
                                         module_equality="structural")

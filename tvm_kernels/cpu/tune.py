@@ -1,10 +1,10 @@
 """MetaSchedule driver: tune the CPU schedule knobs at a representative shape, database in/out.
 
-The search space is the schedule of :mod:`tvm_kernels.schedules.cpu` with every knob sampled
+The search space is the schedule of :mod:`tvm_kernels.cpu.schedules` with every knob sampled
 (``sch.sample_categorical``), so a tuning record is a trace of those decisions. Tuning runs on the
-product specialised to :data:`TUNING_SHAPE` (MetaSchedule must allocate inputs); the winning trace
-is replayed on the symbolic function by ``build``, which therefore needs no tuning run and gives
-the same schedule every time. The database (MetaSchedule's JSON workload/record files) lives in
+product specialised to ``_contract.TUNING_SHAPE`` (MetaSchedule must allocate inputs); the winning
+trace is replayed on the symbolic function by ``build``, which therefore needs no tuning run and
+gives the same schedule every time. The database (MetaSchedule's JSON workload/record files) lives in
 ``prebuilt/tuning/cpu-<isa>-<dtype>/``.
 """
 
@@ -17,50 +17,27 @@ from pathlib import Path
 
 import tvm
 import tvm_ffi
-from tvm import s_tir, tirx
+from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 from tvm.ir.utils import derived_object
 
-from .export import PRODUCTS, scheduled_func, tiled_func
-from .schedules import cpu as cpu_sched
+from longformer_tvm._contract import PRODUCTS, TUNING_SHAPE
+
+from .. import band
+from . import schedules
+from .build import scheduled_func, tiled_func
 from .targets import CPU_TARGETS
 
 logger = logging.getLogger("tvm_kernels")
-
-#: (B, N, H, D, w, dilation): the paper's and the benchmarks' shape.
-TUNING_SHAPE = (1, 4096, 12, 64, 256, 1)
 
 
 def db_dir(root: Path, isa: str, dtype: str) -> Path:
     return Path(root) / f"cpu-{isa}-{dtype}"
 
 
-def specialize(func: tirx.PrimFunc, product: str, dtype: str, shape=TUNING_SHAPE) -> tirx.PrimFunc:
-    """Bind the symbolic shapes/strides and scalar arguments of a tiled product to ``shape``."""
-    b, n, h, d, w, dil = shape
-    c = 2 * w + 1
-    first_last = c if product in ("pv", "tpv") else d
-    out_last = c if product == "qk" else d
-    shapes = [(b, n, h, first_last), (b, n, h, d), (b, n, h, out_last)]
-    mapping = {}
-    params = list(func.params)
-    for param, shp in zip(params[:3], shapes):
-        strides = [tirx.const(shp[1] * shp[2] * shp[3], "int64"), tirx.const(shp[2] * shp[3], "int64"),
-                   tirx.const(shp[3], "int64"), tirx.const(1, "int64")]
-        mapping[param] = tirx.decl_buffer([tirx.const(x, "int64") for x in shp], dtype, param.name,
-                                          strides=strides, elem_offset=tirx.const(0, "int64"),
-                                          data_alignment=4, offset_factor=1)
-    mapping[params[3]] = tirx.const(w, "int64")
-    mapping[params[4]] = tirx.const(w, "int64")
-    mapping[params[5]] = tirx.const(dil, "int64")
-    if len(params) > 6:  # qk's padding value
-        mapping[params[6]] = tirx.const(0.0, "float64")
-    return func.specialize(mapping)
-
-
 def _space(product: str, lanes: int):
     def schedule(sch: s_tir.Schedule) -> None:
-        cpu_sched.schedule_tiled(sch, product, {}, lanes)
+        schedules.schedule_tiled(sch, product, {}, lanes)
 
     return ms.space_generator.ScheduleFn(schedule, sch_rules=[], postprocs=[], mutator_probs={})
 
@@ -83,7 +60,7 @@ class _SymbolicBuilder(ms.builder.PyBuilder):
             func = inp.mod["main"]
             product = {v: k for k, v in PRODUCTS.items()}[str(func.attrs["global_symbol"])]
             try:
-                knobs = cpu_sched.knobs_in(func)
+                knobs = schedules.knobs_in(func)
                 built = scheduled_func(product, self.dtype, self.target, knobs=knobs)
                 # MetaSchedule removes each artifact's folder once it has run
                 path = os.path.join(tempfile.mkdtemp(dir=self.workdir), f"candidate_{product}.so")
@@ -206,7 +183,8 @@ def tune_cpu(isa: str, dtype: str, trials: int, seed: int, db_root: Path,
 
 def _workload(product: str, dtype: str, isa: str) -> tvm.IRModule:
     """The module MetaSchedule tunes for a product: the tiled function at TUNING_SHAPE."""
-    func = specialize(tiled_func(product, dtype, CPU_TARGETS[isa]), product, dtype)
+    func = band.specialize(tiled_func(product, dtype, CPU_TARGETS[isa]), product, dtype, TUNING_SHAPE,
+                           pad=0.0)
     return tvm.IRModule({"main": func.with_attr("global_symbol", PRODUCTS[product])})
 
 
@@ -215,7 +193,7 @@ def best_records(path: Path) -> dict:
     (``<root>/cpu-<isa>-<dtype>``).
 
     Only records of the products' current formulation count: a record tuned on another
-    function (an older version of :mod:`tvm_kernels.tiled`) would not replay, so it is skipped
+    function (an older version of :mod:`tvm_kernels.cpu.kernels`) would not replay, so it is skipped
     with a log line and the product falls back to its hand schedule.
     """
     wl, rec = Path(path) / "database_workload.json", Path(path) / "database_tuning_record.json"
@@ -249,7 +227,7 @@ def best_records(path: Path) -> dict:
 
 def knob_values(trace, product: str) -> dict:
     """The knob values a trace chose, by name: e.g. {"panels": 2, "rows": 8}."""
-    names = {tuple(c): n for n, c in cpu_sched.SPACE[product].items()}
+    names = {tuple(c): n for n, c in schedules.SPACE[product].items()}
     out = {}
     for inst in trace.insts:
         if inst.kind.name != "SampleCategorical" or inst not in trace.decisions:
@@ -261,7 +239,7 @@ def knob_values(trace, product: str) -> dict:
 
 def knobs_of(product: str, isa: str, trace=None) -> dict:
     """Knob values of a product's schedule: the trace's if tuned, else the hand schedule's."""
-    return knob_values(trace, product) if trace is not None else cpu_sched.hand_knobs(product, isa)
+    return knob_values(trace, product) if trace is not None else schedules.hand_knobs(product, isa)
 
 
 def sample_space(product: str, dtype: str, isa: str, seed: int, count: int) -> list[dict]:
@@ -270,7 +248,7 @@ def sample_space(product: str, dtype: str, isa: str, seed: int, count: int) -> l
     points = []
     for i in range(count):
         sch = s_tir.Schedule(tiled_func(product, dtype, target), seed=seed + i + 1)
-        cpu_sched.schedule_tiled(sch, product, {}, target.lanes(dtype))
+        schedules.schedule_tiled(sch, product, {}, target.lanes(dtype))
         points.append(knob_values(sch.trace, product))
     return points
 

@@ -8,7 +8,6 @@ toolkit's) then lists the SASS (``-lelf``) and PTX (``-lptx``) entries. Imports 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -16,6 +15,8 @@ import struct
 import subprocess
 import tempfile
 from pathlib import Path
+
+from longformer_tvm._contract import cuda_homes, nvidia_wheel_dirs
 
 FATBIN_MAGIC = 0xBA55ED50
 _HEADER = struct.Struct("<IHHQ")  # magic, version, header size, payload size
@@ -50,15 +51,14 @@ def find_cuobjdump() -> str:
     found = shutil.which("cuobjdump")
     if found:
         return found
-    spec = importlib.util.find_spec("nvidia")
-    for base in (spec.submodule_search_locations or []) if spec else []:
-        for cand in sorted(Path(base).glob("cu*/bin/cuobjdump")) + sorted(
-                Path(base).glob("cuda_cuobjdump/bin/cuobjdump")):
+    for base in nvidia_wheel_dirs():
+        for cand in sorted(base.glob("cu*/bin/cuobjdump")) + sorted(
+                base.glob("cuda_cuobjdump/bin/cuobjdump")):
             if cand.is_file():
                 return str(cand)
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and (Path(home) / "bin" / "cuobjdump").is_file():
-            return str(Path(home) / "bin" / "cuobjdump")
+    for home in cuda_homes():
+        if (home / "bin" / "cuobjdump").is_file():
+            return str(home / "bin" / "cuobjdump")
     raise CuobjdumpNotFound(
         "cuobjdump not found: install the test extra (pip install -e .[test], which brings "
         "nvidia-cuda-cuobjdump), put the CUDA toolkit's bin/ on PATH, or set CUOBJDUMP=/path")

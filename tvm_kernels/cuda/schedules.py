@@ -1,4 +1,4 @@
-"""CUDA schedules for the thread-block form of the band products (:mod:`tvm_kernels.cuda_kernels`).
+"""CUDA schedules for the thread-block form of the band products (:mod:`tvm_kernels.cuda.kernels`).
 
 The definitions already say what one thread block computes (a tile of one residue) and what it
 stages in shared memory; a schedule maps that onto threads:
@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from ..cuda_kernels import Tiles
+from .kernels import Tiles
 
-#: Tile sizes per product kind and dtype width (bytes); see cuda_kernels.Tiles.
+#: Tile sizes per product kind and dtype width (bytes); see kernels.Tiles.
 TILES = {
     ("qk", 4): Tiles(tm=64, tj=64, kd=16),
     ("qk", 2): Tiles(tm=64, tj=64, kd=32),

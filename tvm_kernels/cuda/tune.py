@@ -5,18 +5,18 @@ Both end in the same data file, ``prebuilt/tuning/cuda-<arch>-<dtype>.json``::
     {"best": {"qk": {"tiles": {...}, "knobs": {...}, "ms": 0.41}, "pv": {...}},
      "source": "metaschedule" | "offline", "shape": [...], "device": "..."}
 
-which ``build_kernels.py build --target cuda --schedule tuned`` reads (``cuda_build.configs_for``).
+which ``build_kernels.py build --target cuda --schedule tuned`` reads (:func:`.build.configs_for`).
 
 * **MetaSchedule** (``python build_kernels.py tune --target cuda [--trials N]``): on a machine with
-  a GPU and the TVM compiler. The design space is :mod:`tvm_kernels.schedules.cuda` with its knobs
-  (thread grid, unroll) sampled; the product is specialised to :data:`TUNING_SHAPE`; the database
+  a GPU and the TVM compiler. The design space is :mod:`tvm_kernels.cuda.schedules` with its knobs
+  (thread grid, unroll) sampled; the product is specialised to ``_contract.TUNING_SHAPE``; the database
   goes to ``prebuilt/tuning/cuda-<arch>-<dtype>/`` and the best decisions into the JSON record.
 * **Offline** (tile sizes too; the GPU machine needs only the runtime)::
 
-      python -m tvm_kernels.cuda_tune offline-build --arch sm_90 --dtype float32,float16 --out DIR
+      python -m tvm_kernels.cuda.tune offline-build --arch sm_90 --dtype float32,float16 --out DIR
       # on the GPU machine (no TVM compiler): time every candidate library in DIR
       python -m benchmarks.cuda_candidates DIR --json timings.json
-      python -m tvm_kernels.cuda_tune offline-collect timings.json
+      python -m tvm_kernels.cuda.tune offline-collect timings.json
 
   ``offline-build`` compiles one library per candidate of :data:`OFFLINE_SPACE` (a QK and a PV
   configuration each); ``offline-collect`` keeps, per (arch, dtype, kind), the fastest candidate
@@ -33,13 +33,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import cuda_build
+from longformer_tvm._contract import DTYPE_BYTES, DTYPES, PRODUCTS, TUNING_SHAPE
+
+from . import build as cuda_build
 
 logger = logging.getLogger("tvm_kernels")
-
-_REPO = Path(__file__).resolve().parent.parent
-#: (B, N, H, D, w, dilation): the paper's and the benchmarks' shape.
-TUNING_SHAPE = (1, 4096, 12, 64, 256, 1)
 
 #: Offline candidates: (qk config, pv config) pairs; tiles are (tm, tj, kd), knobs (ty, tx, unroll).
 OFFLINE_SPACE = [
@@ -121,30 +119,6 @@ def offline_collect(timings_file: Path, root: Path | None = None) -> list[Path]:
 
 # ---- MetaSchedule ------------------------------------------------------------------------------
 
-def specialize(func, product: str, dtype: str, shape=TUNING_SHAPE):
-    """Bind a product's symbolic shapes/strides and window arguments to ``shape`` (contiguous)."""
-    from tvm import tirx
-
-    b, n, h, d, w, dil = shape
-    c = 2 * w + 1
-    shapes = [(b, n, h, c if product in ("pv", "tpv") else d), (b, n, h, d),
-              (b, n, h, c if product == "qk" else d)]
-    params = list(func.params)
-    mapping = {}
-    for param, shp in zip(params[:3], shapes):  # in TVM 0.27 a buffer parameter is its buffer
-        strides = [tirx.const(shp[1] * shp[2] * shp[3], "int64"), tirx.const(shp[2] * shp[3], "int64"),
-                   tirx.const(shp[3], "int64"), tirx.const(1, "int64")]
-        mapping[param] = tirx.decl_buffer([tirx.const(x, "int64") for x in shp], dtype, param.name,
-                                          strides=strides, elem_offset=tirx.const(0, "int64"),
-                                          data_alignment=param.data_alignment,
-                                          offset_factor=param.offset_factor)
-    for param, value in zip(params[3:6], (w, w, dil)):
-        mapping[param] = tirx.const(value, "int64")
-    if len(params) > 6:  # qk's padding value
-        mapping[params[6]] = tirx.const(float("-inf"), "float64")
-    return func.specialize(mapping)
-
-
 def knob_values(trace) -> dict:
     """The sampled knob values of a trace, in sampling order (ty, tx, unroll)."""
     values = []
@@ -161,26 +135,25 @@ def tune_metaschedule(dtype: str, trials: int, seed: int, products=("qk", "pv", 
     from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
-    from . import cuda_kernels
-    from .schedules import cuda as sched
+    from .. import band
+    from . import kernels
+    from . import schedules as sched
 
     arch = cuda_build.detect_archs()[0]
     target = tvm.target.Target({"kind": "cuda", "arch": arch}, host="llvm")
-    width = 4 if dtype == "float32" else 2
+    width = DTYPE_BYTES[dtype]  # TILES are by dtype width
     out = cuda_build.TUNING_DIR / f"cuda-{arch}-{dtype}"
     out.mkdir(parents=True, exist_ok=True)
     database = ms.database.JSONDatabase(str(out / "database_workload.json"),
                                         str(out / "database_tuning_record.json"),
                                         module_equality="structural")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(_REPO), os.environ.get("PYTHONPATH", "")])
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(cuda_build.REPO), os.environ.get("PYTHONPATH", "")])
     best = {}
     for product in products:
         kind = "qk" if product == "qk" else "pv"
         tiles = sched.TILES[(kind, width)]
-        func = (cuda_kernels.make_qk(dtype, tiles) if product == "qk"
-                else cuda_kernels.make_pv(dtype, tiles, transposed=product == "tpv"))
-        func = specialize(func, product, dtype, TUNING_SHAPE).with_attr(
-            "global_symbol", cuda_build.PRODUCTS[product])
+        func = band.specialize(kernels.make(product, dtype, tiles), product, dtype, TUNING_SHAPE,
+                               pad=float("-inf")).with_attr("global_symbol", PRODUCTS[product])
 
         def space(sch: s_tir.Schedule, kind=kind) -> None:
             sched.schedule(sch, kind, {})
@@ -192,7 +165,7 @@ def tune_metaschedule(dtype: str, trials: int, seed: int, products=("qk", "pv", 
                                                             mutator_probs={}),
                         strategy="replay-trace", database=database, cost_model="random", seed=seed)
         records = [r for r in database.get_all_tuning_records()
-                   if str(r.workload.mod["main"].attrs.get("global_symbol", "")) == cuda_build.PRODUCTS[product]
+                   if str(r.workload.mod["main"].attrs.get("global_symbol", "")) == PRODUCTS[product]
                    and r.run_secs]
         if not records:
             continue
@@ -207,8 +180,8 @@ def tune_metaschedule(dtype: str, trials: int, seed: int, products=("qk", "pv", 
 def main(args) -> int:
     """``build_kernels.py tune --target cuda``: MetaSchedule on this machine's GPU."""
     for dtype in [d.strip() for d in args.dtype.split(",") if d.strip()]:
-        if dtype not in cuda_build.CUDA_DTYPES:
-            raise SystemExit(f"--dtype: the CUDA kernels support {cuda_build.CUDA_DTYPES}, got {dtype}")
+        if dtype not in DTYPES["cuda"]:
+            raise SystemExit(f"--dtype: the CUDA kernels support {DTYPES['cuda']}, got {dtype}")
         tune_metaschedule(dtype, args.trials, args.seed,
                           products=[p.strip() for p in args.products.split(",") if p.strip()])
     return 0

@@ -1,6 +1,6 @@
 """The band products in thread-block form (TIR), for GPUs: one block per (b, h, residue, tile).
 
-The same residue/tile idea as :mod:`tvm_kernels.tiled`, arranged for a GPU:
+The same residue/tile idea as :mod:`tvm_kernels.cpu.kernels`, arranged for a GPU:
 
 * **Residues.** With dilation ``d`` the rows ``i = m*d + r`` of one residue ``r`` meet only keys of
   that residue, so inside a residue the band is undilated. Positions ``m`` below are residue
@@ -21,9 +21,10 @@ shape: ``acc[ii, dd] += A(ii, jj) * Vs[ii + jj, dd]``. PV stages ``A`` as a TM x
 the adjoint stages the G rows of its slab (row-contiguous loads) and reads them sheared.
 
 Every function takes strided tensors (any strides, unit last stride) with symbolic B, N, H, D and
-scalar ``left``/``right``/``d`` (and ``pad`` for QK) -- the ABI of :mod:`tvm_kernels.tiled`.
+scalar ``left``/``right``/``d`` (and ``pad`` for QK) -- the signature of both devices' kernels
+(:func:`tvm_kernels.band.operands`).
 The tile sizes are build-time constants (:class:`Tiles`); the mapping onto threads is the
-schedule's (:mod:`tvm_kernels.schedules.cuda`). Unscheduled, each function is a valid sequential
+schedule's (:mod:`tvm_kernels.cuda.schedules`). Unscheduled, each function is a valid sequential
 program: that is how the definitions are tested without a GPU.
 """
 
@@ -33,7 +34,11 @@ import dataclasses
 
 from tvm.script import tirx as T
 
+from ..band import ceil_div, operands, rows_in_residue, tiles_per_residue
+
 ACC = "float32"
+#: Data alignment (bytes) the views are declared with (the 16-bit dtypes need only 2).
+ALIGN = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,19 +51,6 @@ class Tiles:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def ceil_div(a, b):
-    return (a + b - 1) // b
-
-
-def rows_in_residue(n, d, r):
-    """Positions of residue r: rows i < n with i % d == r."""
-    return T.max(n - r + d - 1, 0) // d
-
-
-def _strided(handle, shape, dtype, strides):
-    return T.match_buffer(handle, shape, dtype, strides=strides, align=2, offset_factor=1)
 
 
 def _acc(x, dtype):
@@ -75,14 +67,8 @@ def make_qk(dtype: str, tiles: Tiles):
     def band_qk(q_h: T.handle, k_h: T.handle, o_h: T.handle, left: T.int64, right: T.int64,
                 d: T.int64, pad: T.float64):
         T.func_attr({"tirx.noalias": True})
-        B, N, H, D, C = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        sq0, sq1, sq2 = T.int64(), T.int64(), T.int64()
-        sk0, sk1, sk2 = T.int64(), T.int64(), T.int64()
-        so0, so1, so2 = T.int64(), T.int64(), T.int64()
-        Q = _strided(q_h, (B, N, H, D), dtype, (sq0, sq1, sq2, T.int64(1)))
-        K = _strided(k_h, (B, N, H, D), dtype, (sk0, sk1, sk2, T.int64(1)))
-        O = _strided(o_h, (B, N, H, C), dtype, (so0, so1, so2, T.int64(1)))
-        for b, h, r, t, jc in T.grid(B, H, d, ceil_div(ceil_div(N, d), tm), ceil_div(C, tj)):
+        (B, N, H, D, C), (Q, K, O) = operands("qk", dtype, (q_h, k_h, o_h), ALIGN)
+        for b, h, r, t, jc in T.grid(B, H, d, tiles_per_residue(N, d, tm), ceil_div(C, tj)):
             with T.sblock("tile"):
                 vb, vh, vr, vt, vjc = T.axis.remap("SSSSS", [b, h, r, t, jc])
                 Qs = T.sblock_alloc_buffer((tm, kd), dtype, scope="shared")
@@ -146,14 +132,8 @@ def make_pv(dtype: str, tiles: Tiles, transposed: bool = False):
     def band_pv(p_h: T.handle, v_h: T.handle, o_h: T.handle, left: T.int64, right: T.int64,
                 d: T.int64):
         T.func_attr({"tirx.noalias": True})
-        B, N, H, D, C = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        sp0, sp1, sp2 = T.int64(), T.int64(), T.int64()
-        sv0, sv1, sv2 = T.int64(), T.int64(), T.int64()
-        so0, so1, so2 = T.int64(), T.int64(), T.int64()
-        P = _strided(p_h, (B, N, H, C), dtype, (sp0, sp1, sp2, T.int64(1)))
-        V = _strided(v_h, (B, N, H, D), dtype, (sv0, sv1, sv2, T.int64(1)))
-        O = _strided(o_h, (B, N, H, D), dtype, (so0, so1, so2, T.int64(1)))
-        for b, h, r, t, dc in T.grid(B, H, d, ceil_div(ceil_div(N, d), tm), ceil_div(D, td)):
+        (B, N, H, D, C), (P, V, O) = operands("pv", dtype, (p_h, v_h, o_h), ALIGN)
+        for b, h, r, t, dc in T.grid(B, H, d, tiles_per_residue(N, d, tm), ceil_div(D, td)):
             with T.sblock("tile"):
                 vb, vh, vr, vt, vdc = T.axis.remap("SSSSS", [b, h, r, t, dc])
                 As = T.sblock_alloc_buffer((a_rows, tj), dtype, scope="shared")
@@ -205,3 +185,10 @@ def make_pv(dtype: str, tiles: Tiles, transposed: bool = False):
                             O[vb, (vt * tm + vi) * d + vr, vh, vdc * td + vd] = T.Cast(dtype, acc[vi, vd])
 
     return band_pv.with_attr("global_symbol", name)
+
+
+def make(product: str, dtype: str, tiles: Tiles):
+    """The definition of ``product`` (qk, pv or tpv: PV's adjoint) at ``tiles``."""
+    if product == "qk":
+        return make_qk(dtype, tiles)
+    return make_pv(dtype, tiles, transposed=product == "tpv")

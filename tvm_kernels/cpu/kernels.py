@@ -38,6 +38,8 @@ from __future__ import annotations
 from tvm import DataType, tirx
 from tvm.script import tirx as T
 
+from ..band import ceil_div, operands, rows_in_residue, tiles_per_residue
+
 #: Slab panels are rounded up to a multiple of this many panels (the QK microkernel may take 1 or 2).
 QK_PANEL_ROUND = 2
 #: Packed head dimension is rounded up to a multiple of this many vectors (PV microkernel width).
@@ -57,21 +59,8 @@ def pv_block_bytes(dtype: str, v: int, group: int, vecs: int = PV_VECS) -> int:
     return group * vecs * v * DataType(dtype).bits // 8
 
 
-def ceil_div(a, b):
-    return (a + b - 1) // b
-
-
 def clamp(x, lo, hi):
     return T.max(T.min(x, hi), lo)
-
-
-def rows_in_residue(n, d, r):
-    """Rows i < n with i % d == r."""
-    return T.max(n - r + d - 1, 0) // d
-
-
-def tiles_per_residue(n, d, tt):
-    return ceil_div(ceil_div(n, d), tt)
 
 
 def qk_slab_panels(left, right, tt, v):
@@ -82,8 +71,8 @@ def packed_width(dim, v):
     return ceil_div(dim, v * PV_VEC_ROUND) * (v * PV_VEC_ROUND)
 
 
-def _strided(handle, shape, dtype, strides):
-    return T.match_buffer(handle, shape, dtype, strides=strides, align=4, offset_factor=1)
+#: Data alignment (bytes) the views are declared with.
+ALIGN = 4
 
 
 def make_qk(dtype: str, v: int, tm: int = 1):
@@ -116,13 +105,7 @@ def make_qk(dtype: str, v: int, tm: int = 1):
     def band_qk(q_h: T.handle, k_h: T.handle, o_h: T.handle, left: T.int64, right: T.int64,
                 d: T.int64, pad: T.float64):
         T.func_attr({"tirx.noalias": True})
-        B, N, H, D, C = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        sq0, sq1, sq2 = T.int64(), T.int64(), T.int64()
-        sk0, sk1, sk2 = T.int64(), T.int64(), T.int64()
-        so0, so1, so2 = T.int64(), T.int64(), T.int64()
-        Q = _strided(q_h, (B, N, H, D), dtype, (sq0, sq1, sq2, T.int64(1)))
-        K = _strided(k_h, (B, N, H, D), dtype, (sk0, sk1, sk2, T.int64(1)))
-        O = _strided(o_h, (B, N, H, C), dtype, (so0, so1, so2, T.int64(1)))
+        (B, N, H, D, C), (Q, K, O) = operands("qk", dtype, (q_h, k_h, o_h), ALIGN)
         KP = T.sblock_alloc_buffer((B, H, d, n_panels(N, d, left, right), D, v), dtype)
         S = T.sblock_alloc_buffer(
             (B, H, d, tiles_per_residue(N, d, tt), tt, qk_slab_panels(left, right, tt, v), v), dtype)
@@ -261,13 +244,7 @@ def make_pv(dtype: str, v: int, group: int, vecs: int = PV_VECS):
     def band_pv(p_h: T.handle, v_h: T.handle, o_h: T.handle, left: T.int64, right: T.int64,
                 d: T.int64):
         T.func_attr({"tirx.noalias": True})
-        B, N, H, D, C = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        sp0, sp1, sp2 = T.int64(), T.int64(), T.int64()
-        sv0, sv1, sv2 = T.int64(), T.int64(), T.int64()
-        so0, so1, so2 = T.int64(), T.int64(), T.int64()
-        P = _strided(p_h, (B, N, H, C), dtype, (sp0, sp1, sp2, T.int64(1)))
-        Vt = _strided(v_h, (B, N, H, D), dtype, (sv0, sv1, sv2, T.int64(1)))
-        O = _strided(o_h, (B, N, H, D), dtype, (so0, so1, so2, T.int64(1)))
+        (B, N, H, D, C), (P, Vt, O) = operands("pv", dtype, (p_h, v_h, o_h), ALIGN)
         VP = T.sblock_alloc_buffer((B, H, d, units(N, d, left, right),
                                     unit_rows(N, d, left, right), packed_width(D, v)), dtype)
         tile_shape = (B, H, d, tiles_per_residue(N, d, tt), tt, packed_width(D, v))
@@ -393,13 +370,7 @@ def make_tpv(dtype: str, v: int, rows: int | None = None):
     def band_tpv(g_h: T.handle, x_h: T.handle, o_h: T.handle, left: T.int64, right: T.int64,
                  d: T.int64):
         T.func_attr({"tirx.noalias": True})
-        B, N, H, D, C = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        sg0, sg1, sg2 = T.int64(), T.int64(), T.int64()
-        sx0, sx1, sx2 = T.int64(), T.int64(), T.int64()
-        so0, so1, so2 = T.int64(), T.int64(), T.int64()
-        G = _strided(g_h, (B, N, H, C), dtype, (sg0, sg1, sg2, T.int64(1)))
-        Xt = _strided(x_h, (B, N, H, D), dtype, (sx0, sx1, sx2, T.int64(1)))
-        O = _strided(o_h, (B, N, H, D), dtype, (so0, so1, so2, T.int64(1)))
+        (B, N, H, D, C), (G, Xt, O) = operands("tpv", dtype, (g_h, x_h, o_h), ALIGN)
         VP = T.sblock_alloc_buffer((B, H, d, total_rows(N, d, left, right), packed_width(D, v)), dtype)
         PS = T.sblock_alloc_buffer(
             (B, H, d, tiles_per_residue(N, d, tt), slab(left, right), tt), dtype)

@@ -13,15 +13,18 @@ point the runtime imports returns ``CUDA_ERROR_NO_DEVICE``), so TVM compiles thr
 ``-gencode`` per architecture. The stand-in lives only in that worker: it is never loaded where a
 real driver exists, nor in the calling process.
 
-Tile sizes and thread mappings come from :mod:`tvm_kernels.schedules.cuda` (``hand``) or from a
+The worker writes the library to a temporary name beside its final one; this process checks its
+machine code (:mod:`.fatbin`) and publishes it -- rename and manifest entry together, under the
+manifest's lock (:func:`tvm_kernels.publish.publish_file`), as for the CPU libraries.
+
+Tile sizes and thread mappings come from :mod:`tvm_kernels.cuda.schedules` (``hand``) or from a
 tuning record ``prebuilt/tuning/cuda-<arch>-<dtype>.json`` (``tuned``; see
-:mod:`tvm_kernels.cuda_tune`). Architectures whose records differ get separate libraries.
+:mod:`tvm_kernels.cuda.tune`). Architectures whose records differ get separate libraries.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import os
@@ -33,22 +36,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from longformer_tvm._loader import installed_versions, sha256_file, source_hash
+from longformer_tvm import _contract
+from longformer_tvm._contract import (DEFAULT_CUDA_ARCHS, DTYPE_BYTES, DTYPES, MIN_DRIVER, PRODUCTS,
+                                      arch_number)
 
+from .. import publish
 from . import fatbin
 
 logger = logging.getLogger("tvm_kernels")
 
-_REPO = Path(__file__).resolve().parent.parent
-PRODUCTS = {"qk": "band_qk", "pv": "band_pv", "tpv": "band_pv_transposed"}
-CUDA_DTYPES = ("float32", "float16", "bfloat16")
-DEFAULT_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
-#: The sources a CUDA library is compiled from (their hash goes into the manifest).
-CUDA_SOURCES = ["tvm_kernels/cuda_kernels.py", "tvm_kernels/schedules/cuda.py"]
-#: Oldest Linux driver per CUDA major version (minor-version compatibility: any 13.x toolkit's
-#: code and runtime run on the 13.0 driver), and the CUDA version such a driver reports.
-MIN_DRIVER = {13: ("580.65.06", 13000), 12: ("525.60.13", 12000)}
-TUNING_DIR = _REPO / "prebuilt" / "tuning"
+#: The checkout holding ``tvm_kernels`` (the worker process imports it from there).
+REPO = Path(__file__).resolve().parents[2]
+TUNING_DIR = REPO / "prebuilt" / "tuning"
 
 
 # ---- architectures -------------------------------------------------------------------------
@@ -62,10 +61,6 @@ def normalize_arch(arch: str) -> str:
     if not re.fullmatch(r"sm_\d{2,3}[af]?", a):
         raise SystemExit(f"--arch: {arch!r} is not an architecture like sm_80, sm_90 or 8.6")
     return a
-
-
-def arch_number(arch: str) -> int:
-    return int(re.sub(r"\D", "", arch))
 
 
 def detect_archs() -> list[str]:
@@ -86,24 +81,25 @@ def detect_archs() -> list[str]:
         if proc.returncode == 0 and caps:
             return sorted({normalize_arch(c) for c in caps}, key=arch_number)
     raise SystemExit("--arch auto: no GPU found (torch.cuda, nvidia-smi); name the architectures, "
-                     f"e.g. --arch {','.join(DEFAULT_ARCHS)}")
+                     f"e.g. --arch {','.join(DEFAULT_CUDA_ARCHS)}")
 
 
 def parse_archs(spec: str) -> list[str]:
     if spec.strip().lower() == "auto":
         return detect_archs()
     if spec.strip().lower() == "default":
-        return list(DEFAULT_ARCHS)
+        return list(DEFAULT_CUDA_ARCHS)
     return sorted({normalize_arch(a) for a in spec.split(",") if a.strip()}, key=arch_number)
 
 
 # ---- toolchain -----------------------------------------------------------------------------
 
 def find_nvcc() -> str:
+    """nvcc on PATH, else in a CUDA toolkit of ``_contract.cuda_homes()``."""
     found = shutil.which("nvcc")
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if not found and home and (Path(home) / "bin" / "nvcc").is_file():
-            found = str(Path(home) / "bin" / "nvcc")
+    for home in _contract.cuda_homes():
+        if not found and (home / "bin" / "nvcc").is_file():
+            found = str(home / "bin" / "nvcc")
     if not found:
         raise SystemExit("nvcc not found: install the CUDA toolkit (13.x) and put its bin/ on PATH "
                          "or set CUDA_HOME")
@@ -189,9 +185,9 @@ def tuning_record(arch: str, dtype: str, root: Path | None = None) -> dict:
 
 def configs_for(dtype: str, schedule: str, arch: str) -> dict:
     """{kind: {"tiles": {...}, "knobs": {...}}} for "qk" and "pv" (hand unless a record says)."""
-    from .schedules import cuda as sched
+    from . import schedules
 
-    width = 4 if dtype == "float32" else 2
+    width = DTYPE_BYTES[dtype]  # TILES are by dtype width
     out = {}
     record = tuning_record(arch, dtype) if schedule == "tuned" else {}
     for kind in ("qk", "pv"):
@@ -199,43 +195,60 @@ def configs_for(dtype: str, schedule: str, arch: str) -> dict:
         if rec:
             out[kind] = {"tiles": dict(rec["tiles"]), "knobs": dict(rec["knobs"]), "from": "tuned"}
         else:
-            out[kind] = {"tiles": sched.TILES[(kind, width)].as_dict(), "knobs": dict(sched.HAND[kind]),
-                         "from": "hand"}
+            out[kind] = {"tiles": schedules.TILES[(kind, width)].as_dict(),
+                         "knobs": dict(schedules.HAND[kind]), "from": "hand"}
     return out
+
+
+def scheduled_funcs(dtype: str, configs: dict) -> dict:
+    """{symbol: scheduled PrimFunc} of the three products, as :func:`configs_for` configures them."""
+    from tvm import s_tir
+
+    from . import kernels, schedules
+
+    funcs = {}
+    for product, symbol in PRODUCTS.items():
+        kind = "qk" if product == "qk" else "pv"
+        cfg = configs[kind]
+        sch = s_tir.Schedule(kernels.make(product, dtype, kernels.Tiles(**cfg["tiles"])))
+        schedules.schedule(sch, kind, cfg["knobs"])
+        funcs[symbol] = sch.mod["main"].with_attr("global_symbol", symbol)
+    return funcs
 
 
 # ---- the worker (runs in its own process) --------------------------------------------------
 
-def _worker(spec: dict) -> dict:
-    """Compile one library as ``spec`` says; runs in a fresh process (see :func:`compile_library`)."""
+def _load_cuda_runtime(stub: str | None) -> None:
+    """Load what TVM's CUDA runtime links (libcudart, and the stand-in driver where there is no
+    driver), then TVM; fail unless TVM would now compile CUDA to machine code."""
     import ctypes
 
-    from longformer_tvm import _cuda
-
-    cudart = _cuda.find_cudart()
+    cudart = _contract.find_cudart()
     if cudart is not None:  # libtvm_runtime_cuda.so links libcudart.so.13 by name
         ctypes.CDLL(str(cudart), mode=os.RTLD_GLOBAL)
-    if spec["stub"]:
-        ctypes.CDLL(spec["stub"], mode=os.RTLD_GLOBAL)
-    import tvm
+    if stub:
+        ctypes.CDLL(stub, mode=os.RTLD_GLOBAL)
+    import tvm  # noqa: F401  (loads libtvm_runtime_cuda.so)
     import tvm_ffi
-    from tvm import s_tir
-
-    from . import cuda_kernels
-    from .schedules import cuda as sched
 
     if tvm_ffi.get_global_func("ffi.Module.create.cuda", allow_missing=True) is None:
         raise SystemExit("TVM's CUDA runtime did not load (libtvm_runtime_cuda.so needs "
-                         f"{_cuda.CUDART_SONAME}: install nvidia-cuda-runtime 13 or the CUDA 13 "
+                         f"{_contract.CUDART_SONAME}: install nvidia-cuda-runtime 13 or the CUDA 13 "
                          "toolkit), so it would keep CUDA source instead of machine code")
-    archs, work = spec["archs"], Path(spec["work"])
-    calls = []
+
+
+def _route_nvcc(nvcc: str, archs: list[str], work: Path) -> list[float]:
+    """Make TVM compile CUDA with ``nvcc --fatbin`` for ``archs``; returns the list that each
+    nvcc call appends its seconds to."""
+    import tvm_ffi
+
+    calls: list[float] = []
 
     @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
     def _compile(code, *_):
         src, out = work / "band.cu", work / "band.fatbin"
         src.write_text(str(code), encoding="utf-8")
-        cmd = [spec["nvcc"], "--fatbin", "-O3", "-w", "-std=c++17", *gencode_flags(archs),
+        cmd = [nvcc, "--fatbin", "-O3", "-w", "-std=c++17", *gencode_flags(archs),
                "-o", str(out), str(src)]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -244,37 +257,35 @@ def _worker(spec: dict) -> dict:
         calls.append(round(time.perf_counter() - t0, 1))
         return bytearray(out.read_bytes())
 
-    funcs = {}
-    for product, symbol in PRODUCTS.items():
-        kind = "qk" if product == "qk" else "pv"
-        cfg = spec["configs"][kind]
-        tiles = cuda_kernels.Tiles(**cfg["tiles"])
-        func = (cuda_kernels.make_qk(spec["dtype"], tiles) if product == "qk"
-                else cuda_kernels.make_pv(spec["dtype"], tiles, transposed=product == "tpv"))
-        sch = s_tir.Schedule(func)
-        sched.schedule(sch, kind, cfg["knobs"])
-        funcs[symbol] = sch.mod["main"].with_attr("global_symbol", symbol)
+    return calls
+
+
+def _worker(spec: dict) -> dict:
+    """Compile one library as ``spec`` says into ``spec["out"]``; runs in a fresh process (see
+    :func:`compile_library`)."""
+    _load_cuda_runtime(spec["stub"])
+    import tvm
+
+    archs = spec["archs"]
+    calls = _route_nvcc(spec["nvcc"], archs, Path(spec["work"]))
     target = tvm.target.Target({"kind": "cuda", "arch": archs[0]},
                                host={"kind": "llvm", "mtriple": "x86_64-linux-gnu"})
-    module = tvm.compile(tvm.IRModule(funcs), target=target)
+    module = tvm.compile(tvm.IRModule(scheduled_funcs(spec["dtype"], spec["configs"])), target=target)
     if not calls:
         raise SystemExit("TVM never called nvcc: the library would hold CUDA source, not machine code")
-    from .export import export_library
-
-    export_library(module, Path(spec["out"]))
+    publish.write_library(module, Path(spec["out"]))
     return {"nvcc_seconds": calls}
 
 
 def compile_library(dtype: str, archs: list[str], configs: dict, out: Path) -> dict:
-    """Build one library in a worker process (with the stand-in driver where there is none)."""
+    """Build one library into the file ``out`` in a worker process (with the stand-in driver
+    where there is none). Returns the worker's report ({"nvcc_seconds": [...]})."""
     nvcc = find_nvcc()
     with tempfile.TemporaryDirectory(prefix="lftvm-cuda-") as tmp:
         work = Path(tmp)
         stub = None
         if not real_driver_present():
-            from longformer_tvm import _cuda
-
-            lib = _cuda.runtime_dir()
+            lib = _contract.tvm_lib_dir()
             if lib is None or not (lib / "libtvm_runtime_cuda.so").is_file():
                 raise SystemExit("libtvm_runtime_cuda.so not found: install apache-tvm (pip install -e .)")
             stub = str(build_stub(lib / "libtvm_runtime_cuda.so", work))
@@ -282,68 +293,72 @@ def compile_library(dtype: str, archs: list[str], configs: dict, out: Path) -> d
         spec = {"dtype": dtype, "archs": archs, "configs": configs, "out": str(out), "nvcc": nvcc,
                 "stub": stub, "work": str(work)}
         (work / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(_REPO), os.environ.get("PYTHONPATH", "")]))
-        proc = subprocess.run([sys.executable, "-m", "tvm_kernels.cuda_build", "--worker",
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        proc = subprocess.run([sys.executable, "-m", "tvm_kernels.cuda.build", "--worker",
                                str(work / "spec.json")], capture_output=True, text=True, env=env,
-                              cwd=str(_REPO))
+                              cwd=str(REPO))
         if proc.returncode != 0:
             raise SystemExit(f"building {out.name} failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
         result_file = work / "result.json"
         return json.loads(result_file.read_text()) if result_file.is_file() else {}
 
 
-def build_cuda(dtype: str, archs: list[str], out_dir: Path, schedule: str = "hand") -> list[dict]:
-    """Build, verify and register the libraries for ``dtype``; one per group of archs whose
-    schedules agree. Returns their manifest entries."""
-    from .export import update_manifest
+# ---- building and publishing ---------------------------------------------------------------
 
+def _check_code(path: Path, name: str, archs: list[str]) -> dict:
+    """The fatbin's SASS and PTX archs ({} without cuobjdump); SystemExit unless exactly SASS for
+    ``archs`` and PTX of the newest."""
+    try:
+        code = fatbin.library_code(path)
+    except fatbin.CuobjdumpNotFound as exc:
+        logger.warning("not verifying the machine code: %s", exc)
+        return {}
+    if set(code["sass"]) != set(archs) or code["ptx"] != [archs[-1]]:
+        raise SystemExit(f"{name}: cuobjdump lists SASS {code['sass']} and PTX {code['ptx']}, "
+                         f"expected SASS {archs} and PTX {archs[-1]}")
+    return code
+
+
+def _arch_groups(dtype: str, archs: list[str], schedule: str) -> list[tuple[list[str], dict]]:
+    """The archs grouped by configuration (one library per group), each group sorted."""
     groups: dict[str, tuple[list[str], dict]] = {}
     for arch in archs:
         cfg = configs_for(dtype, schedule, arch)
         key = json.dumps({k: {"tiles": v["tiles"], "knobs": v["knobs"]} for k, v in cfg.items()},
                          sort_keys=True)
         groups.setdefault(key, ([], cfg))[0].append(arch)
-    nvcc = find_nvcc()
-    cuda_version = nvcc_version(nvcc)
+    return [(sorted(a, key=arch_number), cfg) for a, cfg in groups.values()]
+
+
+def build_cuda(dtype: str, archs: list[str], out_dir: Path, schedule: str = "hand") -> list[dict]:
+    """Build, verify and publish the libraries for ``dtype``; one per group of archs whose
+    schedules agree. Returns their manifest entries."""
+    cuda_version = nvcc_version(find_nvcc())
     min_driver, min_driver_cuda = MIN_DRIVER.get(int(cuda_version.split(".")[0]), ("unknown", 0))
     entries = []
-    for group_archs, cfg in groups.values():
-        group_archs = sorted(group_archs, key=arch_number)
+    for group_archs, cfg in _arch_groups(dtype, archs, schedule):
         tag = "-".join(a.removeprefix("sm_") for a in group_archs)
         rel = Path("cuda") / f"band_{dtype}_sm{tag}.so"
         t0 = time.perf_counter()
-        result = compile_library(dtype, group_archs, cfg, out_dir / rel)
-        code = {}
+        tmp = publish.temporary_beside(out_dir / rel)
         try:
-            code = fatbin.library_code(out_dir / rel)
-        except fatbin.CuobjdumpNotFound as exc:
-            logger.warning("not verifying the machine code: %s", exc)
-        if code and (set(code["sass"]) != set(group_archs) or code["ptx"] != [group_archs[-1]]):
-            raise SystemExit(f"{rel}: cuobjdump lists SASS {code['sass']} and PTX {code['ptx']}, "
-                             f"expected SASS {group_archs} and PTX {group_archs[-1]}")
-        versions = installed_versions()
+            result = compile_library(dtype, group_archs, cfg, tmp)
+            code = _check_code(tmp, rel.as_posix(), group_archs)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         schedules = sorted({v["from"] for v in cfg.values()})
         entry = {
-            "file": rel.as_posix(),
-            "sha256": sha256_file(out_dir / rel),
-            "device": "cuda",
-            "dtype": dtype,
+            **publish.base_entry("cuda", dtype),
             "archs": group_archs,
             "ptx_arch": group_archs[-1],
             "cuda_version": cuda_version,
             "min_driver": min_driver,
             "min_driver_cuda": min_driver_cuda,
-            "functions": dict(PRODUCTS),
-            "tvm_version": versions["tvm"],
-            "tvm_ffi_version": versions["tvm_ffi"],
-            "sources": CUDA_SOURCES,
-            "source_hash": source_hash(CUDA_SOURCES),
             "schedule": schedules[0] if len(schedules) == 1 else "+".join(schedules),
             "config": {k: {"tiles": v["tiles"], "knobs": v["knobs"]} for k, v in cfg.items()},
-            "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        update_manifest(out_dir, entry)
-        entries.append(entry)
+        entries.append(publish.publish_file(tmp, out_dir, rel, entry))
         logger.info("cuda %-8s %-22s %5.1fs -> %s (%.1f MB; SASS %s, PTX %s; nvcc %s s)", dtype,
                     ",".join(group_archs), time.perf_counter() - t0, out_dir / rel,
                     (out_dir / rel).stat().st_size / 1e6, code.get("sass", "?"), code.get("ptx", "?"),
@@ -354,10 +369,11 @@ def build_cuda(dtype: str, archs: list[str], out_dir: Path, schedule: str = "han
 def main(args) -> int:
     """``build_kernels.py build --target cuda``: args has .arch, .dtype, .out, .schedule."""
     archs = parse_archs(args.arch or "auto")
-    dtypes = [d.strip() for d in (args.dtype or ",".join(CUDA_DTYPES)).split(",") if d.strip()]
-    bad = [d for d in dtypes if d not in CUDA_DTYPES]
+    supported = DTYPES["cuda"]
+    dtypes = [d.strip() for d in (args.dtype or ",".join(supported)).split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in supported]
     if bad:
-        raise SystemExit(f"--dtype: the CUDA kernels support {CUDA_DTYPES}, got {bad}")
+        raise SystemExit(f"--dtype: the CUDA kernels support {supported}, got {bad}")
     if args.schedule == "naive":
         raise SystemExit("--schedule naive is a CPU baseline; the CUDA build takes hand or tuned")
     out = Path(args.out).resolve()

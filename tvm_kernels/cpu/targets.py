@@ -1,13 +1,11 @@
-"""Build targets: what each CPU ISA level compiles to and which CPU features it needs at run time."""
+"""CPU build targets: what each ISA level of ``_contract.CPU_ISAS`` compiles to (LLVM target,
+vector width) and which CPU features it needs at run time."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from longformer_tvm._loader import CPU_ISAS
-
-DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
-CPU_DTYPES = ("float32", "float64")
+from longformer_tvm._contract import CPU_ISAS, DTYPE_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,14 +33,3 @@ CPU_TARGETS = {
     "avx2": CpuTarget("avx2", "haswell", 256),
     "generic": CpuTarget("generic", "x86-64", 128),
 }
-
-
-def host_isa() -> str:
-    """The best ISA level this machine runs."""
-    from longformer_tvm._loader import host_cpu_features
-
-    have = host_cpu_features()
-    for isa, needs in CPU_ISAS.items():
-        if set(needs) <= have:
-            return isa
-    return "generic"

@@ -7,7 +7,7 @@ space, and the decisions land in the trace that the tuning database stores, so `
 tuned schedule exactly. Knob values do not depend on shapes, so a trace found at one shape applies
 to the symbolic function.
 
-Knobs (tiled formulation, see :mod:`tvm_kernels.tiled`):
+Knobs (tiled formulation, see :mod:`tvm_kernels.cpu.kernels`):
 
 * ``rows`` (QK, transposed PV): tile rows per microkernel pass (register block height);
 * ``panels`` (QK): key panels of ``V`` lanes per pass (register block width = panels * V);
@@ -15,8 +15,8 @@ Knobs (tiled formulation, see :mod:`tvm_kernels.tiled`):
 * ``edge_vecs`` (PV): the same for PV's masked edge GEMM.
 
 PV's middle GEMM has no knob: its register block is the formulation's row group
-(:func:`pv_group`) by :data:`tvm_kernels.tiled.PV_VECS` vectors, because the loop that prefetches
-P's next rows is part of the formulation (:func:`tvm_kernels.tiled.make_pv`).
+(:func:`pv_group`) by :data:`tvm_kernels.cpu.kernels.PV_VECS` vectors, because the loop that
+prefetches P's next rows is part of the formulation (:func:`tvm_kernels.cpu.kernels.make_pv`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ HAND = {
 
 #: PV's row group (its register block height), by vector register file. 7 rows x 2 vectors are
 #: 14 accumulators, and 896 bytes in fp32 or fp64: under the stack-buffer limit that keeps them
-#: in registers (:func:`tvm_kernels.tiled.pv_block_bytes`). 8 rows (1024 bytes) would not be,
+#: in registers (:func:`tvm_kernels.cpu.kernels.pv_block_bytes`). 8 rows (1024 bytes) would not be,
 #: and without the prefetch measured no faster than 7.
 PV_GROUP = {32: 7, 16: 4}
 
@@ -55,7 +55,7 @@ def hand_knobs(product: str, isa: str) -> dict:
 
 
 def pv_group(isa: str) -> int:
-    """Rows per group in PV's formulation (:func:`tvm_kernels.tiled.make_pv`) on an ISA level."""
+    """Rows per group in PV's formulation (:func:`tvm_kernels.cpu.kernels.make_pv`) on an ISA level."""
     return PV_GROUP[_registers(isa)]
 
 
