@@ -74,26 +74,66 @@ def _call(fn, a, b, band, shape, pad, whole: bool):
     return lambda: ops.apply_kernel(fn, a, b, band, ops._new_output(shape, a.dtype, a.device), pad)
 
 
+class _Progress:
+    """Times measurements under a progress bar naming the one running (tqdm where installed)."""
+
+    def __init__(self, total: int):
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self.bar = None
+        else:
+            self.bar = tqdm(total=total, desc="compare", unit="timing", dynamic_ncols=True)
+
+    def time(self, label: str, fn, **kwargs) -> float:
+        if self.bar is not None:
+            self.bar.set_postfix_str(label)
+        secs = bl.timeit(fn, **kwargs)
+        if self.bar is not None:
+            self.bar.update()
+        return secs
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _attention_impls(quick: bool) -> list:
+    impls = [("ours", bl.ours_attention), ("sliding chunks (transformers)", bl.hf_attention),
+             ("dense SDPA + band mask", bl.sdpa_attention)]
+    if not quick and bl.flex_available():
+        impls.append(("FlexAttention (compiled)", bl.flex_attention))
+    return impls
+
+
 def run(quick: bool):
     torch.manual_seed(0)
     sgemm = bl.sgemm_gflops()
     logger.info("torch SGEMM: %.1f GFLOP/s", sgemm)
     libs, names = _schedule_libraries(quick)
     rows = []
-    for n, w in (QUICK_SHAPES if quick else SHAPES):
+    shapes = QUICK_SHAPES if quick else SHAPES
+    attention = _attention_impls(quick)
+    backward = [a for a in attention if not quick and not a[0].startswith("FlexAttention")]
+    per_shape = 2 + 3 * len(libs) + 3 + len(attention) + len(backward)
+    progress = _Progress(per_shape * len(shapes))
+    for n, w in shapes:
+        at = f"N={n} w={w}"
         band = normalize_band("compare", w, 1, False, H)
         q, k, v = (torch.randn(B, n, H, D) for _ in range(3))
         p = torch.softmax(torch.randn(B, n, H, band.columns), -1)
         flops = bl.flops_band(B, n, H, D, band.columns)
-        base = {"qk": bl.timeit(lambda: bl.hf_qk(q, k, w)), "pv": bl.timeit(lambda: bl.hf_pv(p, v, w))}
+        base = {"qk": progress.time(f"{at} qk sliding chunks", lambda: bl.hf_qk(q, k, w)),
+                "pv": progress.time(f"{at} pv sliding chunks", lambda: bl.hf_pv(p, v, w))}
         for product in ("qk", "pv"):
             rows.append(dict(kind=product, impl="sliding chunks (transformers)", n=n, w=w,
                              secs=base[product]))
         for key, funcs in libs.items():
             for product, (a, bb, last, pad) in {"qk": (q, k, band.columns, float("-inf")),
                                                 "pv": (p, v, D, None), "tpv": (p, q, D, None)}.items():
-                secs = bl.timeit(_call(funcs[product], a, bb, band, (B, n, H, last), pad,
-                                       key == "naive"))
+                secs = progress.time(f"{at} {product} {names[key]}",
+                                     _call(funcs[product], a, bb, band, (B, n, H, last), pad,
+                                           key == "naive"))
                 rows.append(dict(kind=product, impl=names[key], n=n, w=w, secs=secs,
                                  base=base.get(product, base["pv"])))
         # what a user calls: the public functions, with their input checks and output pool
@@ -102,17 +142,18 @@ def run(quick: bool):
                 "pv": lambda: lt.sliding_window_pv(p, v, w),
                 "tpv": lambda: lt.sliding_window_pv_transposed(p, q, w)}.items():
             rows.append(dict(kind=product, impl="ours (public function)", n=n, w=w,
-                             secs=bl.timeit(call), base=base.get(product, base["pv"])))
-        for label, fn in [("ours", bl.ours_attention), ("sliding chunks (transformers)", bl.hf_attention),
-                          ("dense SDPA + band mask", bl.sdpa_attention)] + (
-                [("FlexAttention (compiled)", bl.flex_attention)] if not quick and bl.flex_available() else []):
-            fwd = bl.timeit(lambda: fn(q, k, v, w))
+                             secs=progress.time(f"{at} {product} public function", call),
+                             base=base.get(product, base["pv"])))
+        for label, fn in attention:
+            fwd = progress.time(f"{at} attention fwd {label}", lambda: fn(q, k, v, w))
             rows.append(dict(kind="attention fwd", impl=label, n=n, w=w, secs=fwd))
             if quick or label.startswith("FlexAttention"):  # torch has no Flex backward on CPU
                 continue
             qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-            secs = bl.timeit(lambda: fn(qg, kg, vg, w).sum().backward(), warmup=1)
+            secs = progress.time(f"{at} attention fwd+bwd {label}",
+                                 lambda: fn(qg, kg, vg, w).sum().backward(), warmup=1)
             rows.append(dict(kind="attention fwd+bwd", impl=label, n=n, w=w, secs=secs))
+    progress.close()
     for r in rows:
         r["flops"] = bl.flops_band(B, r["n"], H, D, 2 * r["w"] + 1) * (2 if "attention" in r["kind"] else 1)
     for kind in {r["kind"] for r in rows if "attention" in r["kind"]}:
@@ -138,28 +179,42 @@ def print_table(rows, sgemm) -> None:
               f"{r['gflops']:8.1f} {r['pct_sgemm']:6.1f}% {r['speedup']:7.2f}x")
 
 
+TITLES = {"qk": "banded Q Kᵀ", "pv": "banded P V", "tpv": "transposed P V (backward)",
+          "attention fwd": "attention forward", "attention fwd+bwd": "attention forward + backward"}
+
+
 def plot(rows, path: Path) -> None:
+    """One panel per operation; every implementation has one colour in every panel and each
+    panel's legend names its own bars; the label above a bar is its speed-up over sliding chunks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = sorted({r["kind"] for r in rows})
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)
+    kinds = [k for k in TITLES if any(r["kind"] == k for r in rows)]
+    impls = sorted({r["impl"] for r in rows}, key=lambda i: (not i.startswith("sliding"), i))
+    colours = {impl: plt.get_cmap("tab10")(i % 10) for i, impl in enumerate(impls)}
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 4.6), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         sub = [r for r in rows if r["kind"] == kind]
-        labels = sorted({f"N={r['n']},w={r['w']}" for r in sub})
-        impls = sorted({r["impl"] for r in sub})
-        width = 0.8 / max(len(impls), 1)
-        for i, impl in enumerate(impls):
-            ys = [next((1e3 * r["secs"] for r in sub if r["impl"] == impl
-                        and f"N={r['n']},w={r['w']}" == lab), 0) for lab in labels]
-            ax.bar([x + i * width for x in range(len(labels))], ys, width, label=impl)
-        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, rotation=20)
+        shapes = sorted({(r["n"], r["w"]) for r in sub})
+        mine = [i for i in impls if any(r["impl"] == i for r in sub)]
+        width = 0.8 / max(len(mine), 1)
+        for i, impl in enumerate(mine):
+            for x, shape in enumerate(shapes):
+                r = next((r for r in sub if r["impl"] == impl and (r["n"], r["w"]) == shape), None)
+                if r is None:
+                    continue
+                bar = ax.bar(x + i * width, 1e3 * r["secs"], width, color=colours[impl],
+                             label=impl if x == 0 else None)
+                ax.bar_label(bar, [f"{r['speedup']:.1f}x"], fontsize=6, rotation=90, padding=2)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(shapes))],
+                      [f"N={n}, w={w}" for n, w in shapes], rotation=15, fontsize=8)
         ax.set_yscale("log")
-        ax.set_ylabel("ms (log)")
-        ax.set_title(kind)
-    axes[0][0].legend(fontsize=7)
+        ax.set_ylabel("ms per call (log); label: x sliding chunks")
+        ax.set_title(f"{TITLES[kind]}\nB={B}, H={H}, D={D}, float32, CPU", fontsize=9)
+        ax.margins(y=0.25)
+        ax.legend(fontsize=6, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
