@@ -3,15 +3,19 @@
 
     python build_kernels.py                 # the main job: make sure this machine has working
                                             # kernels (build if needed), self-check, short comparison
+    longformer-tvm ...                      # the same commands, from an installed wheel
     python build_kernels.py build [--target cpu] [--isa host|all|avx512,avx2,generic]
                                   [--dtype float32,float64] [--schedule tuned|hand|naive] [--out DIR]
     python build_kernels.py tune --target cpu [--trials N] [--seed S] [--isa host] [--dtype float32]
     python build_kernels.py compare [--quick] [--out benchmarks/out]
     python build_kernels.py selfcheck
 
-Libraries go to prebuilt/ (default) with prebuilt/manifest.json; the package loads them from
-there or from the per-user cache. ``--schedule tuned`` replays the MetaSchedule database under
-prebuilt/tuning/ when it has a record for the (isa, dtype, product), else the hand schedule.
+In a checkout, libraries go to prebuilt/ (default) with prebuilt/manifest.json and tuning
+databases to prebuilt/tuning/. An installed wheel's tree is not rewritten: there ``build`` writes
+into this installation's per-user cache folder and ``tune`` into ``<cache>/tuning`` (replay it
+with ``build --db``); the package loads libraries from both. ``--schedule tuned`` replays the
+MetaSchedule database (``--db``, default the shipped one) when it has a record for the (isa,
+dtype, product), else the hand schedule.
 """
 
 from __future__ import annotations
@@ -24,8 +28,38 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
-PREBUILT = REPO / "prebuilt"
+sys.path.insert(0, str(REPO))  # tvm_kernels/ and benchmarks/ beside this file
+
+from longformer_tvm import _contract, _install  # noqa: E402
+
 logger = logging.getLogger("build_kernels")
+
+
+def default_out() -> Path:
+    """Where ``build`` writes: the checkout's prebuilt/, or (installed) this version's cache."""
+    return _install.cache_library_dir() if _contract.INSTALLED else _contract.PREBUILT_DIR
+
+
+def default_tune_db() -> Path:
+    """Where ``tune`` writes its database: prebuilt/tuning/, or (installed) ``<cache>/tuning``."""
+    return _install.cache_dir() / "tuning" if _contract.INSTALLED else _contract.TUNING_DIR
+
+
+def default_compare_out() -> Path:
+    return Path.cwd() / "longformer-tvm-out" if _contract.INSTALLED else REPO / "benchmarks" / "out"
+
+
+def progress(items: list, desc: str, label=str):
+    """Yield ``items`` under a progress bar that names the step (tqdm where installed)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        yield from items
+        return
+    with tqdm(items, desc=desc, unit="step", dynamic_ncols=True) as bar:
+        for item in bar:
+            bar.set_postfix_str(label(item))
+            yield item
 
 
 def _csv(value: str) -> list[str]:
@@ -48,6 +82,7 @@ def _isas(spec: str) -> list[str]:
 
 
 def cmd_build(args) -> int:
+    args.out = args.out or str(default_out())
     if args.target == "cuda":
         from tvm_kernels.cuda import build as cuda_build
 
@@ -61,20 +96,20 @@ def cmd_build(args) -> int:
     if bad:
         raise SystemExit(f"--dtype: the CPU kernels support {DTYPES['cpu']}, got {bad}")
     out = Path(args.out).resolve()
-    for isa in _isas(args.isa):
-        for dtype in dtypes:
-            t0 = time.perf_counter()
-            traces = {}
-            if args.schedule == "tuned":
-                traces = tune.load_traces(isa, dtype, REPO / "prebuilt" / "tuning")
-            name = "naive" if args.schedule == "naive" else " ".join(
-                f"{p}:{'tuned' if p in traces else 'hand'}{tune.knobs_of(p, isa, traces.get(p))}"
-                for p in ("qk", "pv", "tpv"))
-            schedule = "naive" if args.schedule == "naive" else "hand"
-            entry = cpu_build.build_cpu(dtype, isa, out, schedule=schedule, traces=traces,
-                                        schedule_name=name)
-            logger.info("%-8s %-8s %-28s %5.1fs -> %s", isa, dtype, entry["schedule"],
-                        time.perf_counter() - t0, out / entry["file"])
+    steps = [(isa, dtype) for isa in _isas(args.isa) for dtype in dtypes]
+    for isa, dtype in progress(steps, "build", lambda step: f"cpu {step[0]} {step[1]}"):
+        t0 = time.perf_counter()
+        traces = {}
+        if args.schedule == "tuned":
+            traces = tune.load_traces(isa, dtype, Path(args.db))
+        name = "naive" if args.schedule == "naive" else " ".join(
+            f"{p}:{'tuned' if p in traces else 'hand'}{tune.knobs_of(p, isa, traces.get(p))}"
+            for p in ("qk", "pv", "tpv"))
+        schedule = "naive" if args.schedule == "naive" else "hand"
+        entry = cpu_build.build_cpu(dtype, isa, out, schedule=schedule, traces=traces,
+                                    schedule_name=name)
+        logger.info("%-8s %-8s %-28s %5.1fs -> %s", isa, dtype, entry["schedule"],
+                    time.perf_counter() - t0, out / entry["file"])
     return 0
 
 
@@ -88,7 +123,7 @@ def cmd_tune(args) -> int:
     for isa in _isas(args.isa):
         for dtype in _csv(args.dtype):
             tune.tune_cpu(isa, dtype, trials=args.trials, seed=args.seed,
-                          db_root=REPO / "prebuilt" / "tuning", products=_csv(args.products))
+                          db_root=Path(args.db or default_tune_db()), products=_csv(args.products))
     return 0
 
 
@@ -115,7 +150,7 @@ def cmd_main(args) -> int:
         except backends.KernelNotAvailableError as exc:
             logger.warning("%s", exc)
             args_b = argparse.Namespace(target="cpu", isa="host", dtype=dtype, schedule="tuned",
-                                        out=str(PREBUILT))
+                                        out=str(default_out()), db=str(_contract.TUNING_DIR))
             cmd_build(args_b)
             backends.clear()
     info = longformer_tvm.backend_info()
@@ -124,7 +159,7 @@ def cmd_main(args) -> int:
     rc = cmd_selfcheck(argparse.Namespace(quick=True))
     if rc:
         return rc
-    return cmd_compare(argparse.Namespace(quick=True, out=str(REPO / "benchmarks" / "out"), plot=False))
+    return cmd_compare(argparse.Namespace(quick=True, out=str(default_compare_out()), plot=False))
 
 
 def main(argv=None) -> int:
@@ -137,7 +172,9 @@ def main(argv=None) -> int:
     b.add_argument("--arch", default="auto", help="CUDA: auto or sm_80,sm_86,...")
     b.add_argument("--dtype", default="", help="comma list; default: every dtype of the target")
     b.add_argument("--schedule", choices=["tuned", "hand", "naive"], default="tuned")
-    b.add_argument("--out", default=str(PREBUILT))
+    b.add_argument("--out", default="", help="default: prebuilt/ in a checkout, the per-user cache "
+                   "when installed")
+    b.add_argument("--db", default=str(_contract.TUNING_DIR), help="tuning database to replay")
     t = sub.add_parser("tune", help="MetaSchedule over the schedule space; saves prebuilt/tuning/")
     t.add_argument("--target", choices=["cpu", "cuda"], default="cpu")
     t.add_argument("--isa", default="host")
@@ -145,16 +182,20 @@ def main(argv=None) -> int:
     t.add_argument("--products", default="qk,pv,tpv")
     t.add_argument("--trials", type=int, default=16)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--db", default="", help="default: prebuilt/tuning/ in a checkout, "
+                   "<cache>/tuning when installed")
     s = sub.add_parser("selfcheck", help="every library that runs here against the reference")
     s.add_argument("--quick", action="store_true")
     c = sub.add_parser("compare", help="time schedules and baselines; table + plot")
     c.add_argument("--quick", action="store_true", help="one shape, no plot (used by the main job)")
-    c.add_argument("--out", default=str(REPO / "benchmarks" / "out"))
+    c.add_argument("--out", default="", help="default: benchmarks/out/ in a checkout, "
+                   "./longformer-tvm-out when installed")
     c.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    sys.path.insert(0, str(REPO))
+    if args.cmd == "compare" and not args.out:
+        args.out = str(default_compare_out())
     handlers = {"build": cmd_build, "tune": cmd_tune, "selfcheck": cmd_selfcheck,
                 "compare": cmd_compare, None: cmd_main}
     return handlers[args.cmd](args)

@@ -9,6 +9,7 @@ import logging as _logging
 import os as _os
 
 from . import backends, reference
+from ._contract import __version__
 from ._errors import KernelIntegrityError, KernelNotAvailableError
 from ._pool import empty_cache
 from .backends import backend_info
@@ -33,4 +34,3 @@ __all__ = [
     "KernelNotAvailableError",
     "KernelIntegrityError",
 ]
-__version__ = "0.1.0"

@@ -8,6 +8,7 @@ imports; it imports nothing of the package itself, nor torch, nor the TVM compil
 * the manifest schema (``manifest.json``: which keys an entry has, which are lists);
 * the sources each device's libraries are compiled from, and how their hash is computed;
 * the tuning shape;
+* the package's version and tree (a checkout, or an installed wheel);
 * where the TVM runtime libraries and the CUDA toolkit / runtime are found.
 """
 
@@ -65,7 +66,8 @@ ENTRY_STRINGS = ("file", "device", "dtype", "sha256")
 #: Keys an entry may have, each a list of strings.
 ENTRY_LISTS = ("cpu_features", "sources", "archs")
 #: Keys an entry may have, each a string or null.
-ENTRY_OPTIONAL_STRINGS = ("isa", "tvm_version", "tvm_ffi_version", "source_hash", "ptx_arch")
+ENTRY_OPTIONAL_STRINGS = ("isa", "tvm_version", "tvm_ffi_version", "source_hash", "ptx_arch",
+                          "package_version")
 
 
 def entry_key(entry: dict) -> tuple:
@@ -73,12 +75,27 @@ def entry_key(entry: dict) -> tuple:
     return (entry.get("device"), entry.get("dtype"), entry.get("isa"), tuple(entry.get("archs", ())))
 
 
-# ---- sources and versions -------------------------------------------------------------------
+# ---- the package, its tree and its version -------------------------------------------------
 
-#: The checkout: ``tvm_kernels/`` and ``build_kernels.py`` beside the package.
-REPO_DIR = Path(__file__).resolve().parent.parent
+#: The one definition of the package's version (pyproject.toml reads it from here); recorded in
+#: each manifest entry.
+__version__ = "0.1.0"
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+_CHECKOUT = PACKAGE_DIR.parent
+#: Whether this is an installed wheel rather than a source checkout. A wheel carries the build
+#: tree (``tvm_kernels/``, ``build_kernels.py``, ``benchmarks/``) under ``longformer_tvm/_build/``
+#: and the shipped libraries under ``longformer_tvm/prebuilt/`` (see setup.py).
+INSTALLED = not ((_CHECKOUT / "tvm_kernels").is_dir() and (_CHECKOUT / "build_kernels.py").is_file())
+#: The tree holding ``tvm_kernels/`` and ``build_kernels.py``: the checkout, or the wheel's copy.
+REPO_DIR = PACKAGE_DIR / "_build" if INSTALLED else _CHECKOUT
 KERNEL_SOURCES = REPO_DIR / "tvm_kernels"
 BUILD_SCRIPT = REPO_DIR / "build_kernels.py"
+#: The shipped libraries, their manifest and the tuning databases.
+PREBUILT_DIR = PACKAGE_DIR / "prebuilt" if INSTALLED else REPO_DIR / "prebuilt"
+TUNING_DIR = PREBUILT_DIR / "tuning"
+
+# ---- sources and versions -------------------------------------------------------------------
 #: The sources each device's libraries are compiled from (relative to the repository); their hash
 #: goes into each manifest entry, so an edit to the CPU kernels leaves the CUDA libraries valid.
 SOURCES = {

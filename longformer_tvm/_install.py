@@ -10,18 +10,17 @@ from pathlib import Path
 
 import torch
 
-from ._contract import BUILD_SCRIPT, KERNEL_SOURCES, REPO_DIR, RUNTIME_DIR_ENV, installed_versions, \
-    source_hash, tvm_lib_dir
+from ._contract import BUILD_SCRIPT, KERNEL_SOURCES, PREBUILT_DIR, REPO_DIR, RUNTIME_DIR_ENV, \
+    installed_versions, source_hash, tvm_lib_dir
 from ._errors import KernelNotAvailableError
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
 #: Layout of the per-user cache (the name of its versioned folders); bump it when that changes.
 CACHE_LAYOUT = 1
 
 
 def prebuilt_dirs() -> list[Path]:
-    """Where shipped libraries may live: inside the package (wheel) or beside it (checkout)."""
-    return [p for p in (_PACKAGE_DIR / "prebuilt", REPO_DIR / "prebuilt") if p.is_dir()]
+    """Where shipped libraries live: inside the package (wheel) or beside it (checkout)."""
+    return [PREBUILT_DIR] if PREBUILT_DIR.is_dir() else []
 
 
 def cache_dir() -> Path:

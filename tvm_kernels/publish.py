@@ -19,7 +19,7 @@ from pathlib import Path
 
 import filelock
 
-from longformer_tvm._contract import (MANIFEST_FORMAT, PRODUCTS, SOURCES, entry_key,
+from longformer_tvm._contract import (MANIFEST_FORMAT, PRODUCTS, SOURCES, __version__, entry_key,
                                       installed_versions, sha256_file, source_hash)
 
 logger = logging.getLogger("tvm_kernels")
@@ -35,6 +35,7 @@ def base_entry(device: str, dtype: str) -> dict:
         "functions": dict(PRODUCTS),
         "tvm_version": versions["tvm"],
         "tvm_ffi_version": versions["tvm_ffi"],
+        "package_version": __version__,
         "sources": list(SOURCES[device]),
         "source_hash": source_hash(SOURCES[device]),
         "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

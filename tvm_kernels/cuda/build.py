@@ -38,16 +38,16 @@ from pathlib import Path
 
 from longformer_tvm import _contract
 from longformer_tvm._contract import (DEFAULT_CUDA_ARCHS, DTYPE_BYTES, DTYPES, MIN_DRIVER, PRODUCTS,
-                                      arch_number)
+                                      TUNING_DIR, arch_number)
 
 from .. import publish
 from . import fatbin
 
 logger = logging.getLogger("tvm_kernels")
 
-#: The checkout holding ``tvm_kernels`` (the worker process imports it from there).
+#: The tree holding ``tvm_kernels`` (the worker process imports it from there): the checkout, or
+#: an installed wheel's build tree.
 REPO = Path(__file__).resolve().parents[2]
-TUNING_DIR = REPO / "prebuilt" / "tuning"
 
 
 # ---- architectures -------------------------------------------------------------------------
