@@ -2,8 +2,9 @@
 
 Two spellings of the same products:
 
-* :func:`diagonaled_mm` -- the call of allenai/longformer's ``diagonaled_mm_tvm.diagonaled_mm``, so
-  its users switch by changing one import.
+* :func:`diagonaled_mm` -- the call of allenai/longformer's ``diagonaled_mm_tvm.diagonaled_mm``
+  with this package's padding semantics. (allenai's exact results, padding quirk included, and
+  their ``mask_invalid_locations``: :mod:`longformer_tvm.diagonaled_mm_tvm`, the one-import switch.)
 * :func:`sliding_window_qk`, :func:`sliding_window_pv`, :func:`sliding_window_pv_transposed` --
   clearer names for the same semantics.
 
@@ -101,14 +102,18 @@ def sliding_window_pv_transposed(grad: torch.Tensor, x: torch.Tensor, window: in
 
 def diagonaled_mm(t1: torch.Tensor, t2: torch.Tensor, w: int, d, is_t1_diagonaled: bool = False,
                   padding=0, autoregressive: bool = False) -> torch.Tensor:
-    """allenai/longformer's ``diagonaled_mm``: the same call, the same results.
+    """allenai/longformer's ``diagonaled_mm`` call, with this package's padding semantics.
 
     * ``is_t1_diagonaled=False``: t1 (B, N, H, D) x t2 (B, N, H, D) -> (B, N, H, C), ``padding``
       where the key falls outside the sequence (:func:`sliding_window_qk`).
     * ``is_t1_diagonaled=True``: t1 (B, N, H, C) x t2 (B, N, H, D) -> (B, N, H, D)
-      (:func:`sliding_window_pv`). The flag decides, never the shapes, so D == C is not ambiguous.
+      (:func:`sliding_window_pv`); ``padding`` must be 0. The flag decides, never the shapes, so
+      D == C is not ambiguous.
 
-    ``d`` is an int or a length-H integer tensor of per-head dilations.
+    ``d`` is an int or a length-H integer tensor of per-head dilations. With ``padding=0`` the
+    results are allenai's. Otherwise allenai's kernel differs (an invalid QK entry is
+    ``padding * D``; PV rows gain ``padding`` per invalid diagonal):
+    :func:`longformer_tvm.diagonaled_mm_tvm.diagonaled_mm` reproduces that exactly.
     """
     if not isinstance(is_t1_diagonaled, bool):
         raise TypeError(f"diagonaled_mm: is_t1_diagonaled must be a bool, got {is_t1_diagonaled!r}")

@@ -19,7 +19,7 @@ import logging
 import numpy as np
 import torch
 
-from . import _pool, backends, reference
+from . import _decompose, _pool, backends, reference
 from ._checks import Band
 
 _LIB = "longformer_tvm"
@@ -202,6 +202,9 @@ def _tpv_backward(ctx, grad):
 band_qk.register_autograd(_qk_backward, setup_context=_setup)
 band_pv.register_autograd(_pv_backward, setup_context=_setup)
 band_tpv.register_autograd(_tpv_backward, setup_context=_setup)
+
+# Exporters (torch.onnx.export with dynamo=True) see each op as standard operators, at any N.
+_decompose.register(_LIB)
 
 
 # Autocast: under torch.autocast("cuda") the products run in the autocast dtype (the half-precision
