@@ -164,16 +164,19 @@ def band_tpv(g: torch.Tensor, x: torch.Tensor, band: Band) -> torch.Tensor:
 
 
 # ---- the registration ----------------------------------------------------------------------
+# Contiguous, as the kernels return them: with symbolic sizes FakeTensor takes a decomposition in
+# torch's table over the op's register_fake, so these strides are the ones torch.compile assumes
+# (and Inductor checks) once N is dynamic.
 def _qk(q, k, left, right, dilation, padding):
-    return band_qk(q, k, Band(left, right, tuple(dilation)), padding)
+    return band_qk(q, k, Band(left, right, tuple(dilation)), padding).contiguous()
 
 
 def _pv(p, v, left, right, dilation):
-    return band_pv(p, v, Band(left, right, tuple(dilation)))
+    return band_pv(p, v, Band(left, right, tuple(dilation))).contiguous()
 
 
 def _tpv(g, x, left, right, dilation):
-    return band_tpv(g, x, Band(left, right, tuple(dilation)))
+    return band_tpv(g, x, Band(left, right, tuple(dilation))).contiguous()
 
 
 def register(lib: str) -> None:
