@@ -15,9 +15,10 @@ dilation runs one kernel call per maximal run of heads with equal dilation, on s
 from __future__ import annotations
 
 import logging
+import warnings
 
-import numpy as np
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from . import _decompose, _pool, backends, reference
 from ._checks import Band
@@ -43,27 +44,6 @@ def _prepare(t: torch.Tensor) -> torch.Tensor:
     if t.shape[-1] <= 1:
         return t.as_strided(t.shape, (*t.stride()[:-1], 1), t.storage_offset())
     return t.contiguous()
-
-
-def _spread_nonfinite(product: str, out: torch.Tensor) -> bool:
-    """Whether a CPU pv/tpv result may hold an inf or NaN that the band does not.
-
-    The CPU kernels multiply some operand entries outside the band by zero (tvm_kernels/cpu/kernels.py:
-    pv's masked edge columns and zero rows for keys outside the sequence, tpv's sheared copy), so
-    an inf or NaN there becomes a NaN in a row whose band never held it. Any such value leaves a
-    non-finite result, so one sum of the result answers (and a finite result is exact); where it
-    is not finite, the product is recomputed by the reference. A false alarm (a finite sum past the
-    dtype's range) only costs the slower path. QK reads off only the band's entries of its GEMM.
-    """
-    if product == "qk" or out.device.type != "cpu":
-        return False
-    if out.dtype in (torch.float32, torch.float64):
-        # numpy reduces on this thread. torch's sum would wake its OpenMP workers, which then
-        # spin-wait for milliseconds and take the cores from the TVM kernel that runs next
-        # (PV at N=4096 measured 26 ms instead of 20 on 2 cores).
-        with np.errstate(over="ignore", invalid="ignore"):
-            return not bool(np.isfinite(out.numpy().sum()))
-    return not bool(torch.isfinite(out.sum()))
 
 
 #: A QK or transposed-PV kernel call packs its slab operand (about the size of its head slice of k
@@ -123,12 +103,12 @@ def _run(product: str, a: torch.Tensor, b: torch.Tensor, band: Band, out_last: i
         return out
     kernel = backends.kernel_for(product, a)
     if kernel is not None:
-        apply_kernel(kernel, a, b, band, out, padding)
-        if not _spread_nonfinite(product, out):
-            return out
-        logger.info("%s: inf or NaN in the result; recomputing it with the reference products, "
-                    "which keep them to the rows whose band holds them", product)
-    # the reference backend (explicit, see backends.backend_info), or the case above
+        # final as it comes, inf and NaN included: the CPU kernels let no entry outside a row's
+        # band (or outside the sequence) meet that row, not even times zero, so an inf or NaN
+        # stays where the reference has it (tvm_kernels/cpu/kernels.py, "Nothing outside the
+        # band meets a row")
+        return apply_kernel(kernel, a, b, band, out, padding)
+    # the reference backend (explicit, see backends.backend_info)
     fn = {"qk": reference.band_qk, "pv": reference.band_pv, "tpv": reference.band_pv_transposed}
     args = (a, b, band) if padding is None else (a, b, band, padding)
     out.copy_(fn[product](*args))

@@ -15,18 +15,23 @@ are restated so that the inner loops are branch-free dense GEMMs:
   load reads ``V`` consecutive keys.
 * **Ranges, not masks.** Where only part of a row is valid (the band's ends, the sequence's ends),
   the loop bounds are computed per row, so every inner loop is a plain copy or a plain fill.
+* **Nothing outside the band meets a row,** not even times zero (``0 * inf`` is NaN), so an inf or
+  NaN stays in the rows whose band holds it, as in :mod:`longformer_tvm.reference`: QK reads off
+  only the band; PV's middle GEMM runs over the columns inside the sequence; both products' edges
+  are per-row ranges of the band, not masks (:func:`make_pv`, :func:`make_tpv`).
 * **PV reads P where it lies.** The sheared copy of P that a slab GEMM needs costs as much
   memory traffic as the GEMM reads (P is the largest operand), and a copy does not overlap the
   arithmetic. PV instead broadcasts P's entries straight from its rows in the GEMM, in groups of
   rows for which every middle slab column is inside the band; only the group's few edge columns
-  are masked, and the next group's rows of P are prefetched (:func:`make_pv`). It packs V per
+  are per row, and the next group's rows of P are prefetched (:func:`make_pv`). It packs V per
   work unit (a run of tiles of one head), so the GEMM reads the slab while it is in cache.
-  Transposed PV, whose P operand runs along diagonals, keeps the copy (:func:`make_tpv`).
+  Transposed PV, whose P operand runs along diagonals, keeps the copy; its GEMM's blocks of
+  ``TPV_ROWS`` rows split like PV's groups, into a middle and per-row edges (:func:`make_tpv`).
 
 Every function takes strided tensors (any strides, unit last stride) with symbolic B, N, H, D and
 scalar window extents ``left``/``right`` (C = left + right + 1) and dilation ``d``; one compiled
 library serves every shape. Sizes, strides and indices are 64-bit. QK writes ``pad`` where the key
-falls outside the sequence. Signatures (``V``, ``TM`` and PV's row group are build-time constants)::
+falls outside the sequence. Signatures (``V``, ``TM``, PV's group, TPV's row block: build-time)::
 
     band_qk (q, k, out[B,N,H,C], left, right, d, pad)
     band_pv (p[B,N,H,C], v, out[B,N,H,D], left, right, d)
@@ -49,6 +54,8 @@ PV_VECS = 2
 #: TVM keeps a "global" buffer on the stack (where LLVM can hold it in registers) below this size.
 STACK_BUFFER_BYTES = 1024
 CACHE_LINE_BYTES = 64
+#: Transposed PV's register block height (:func:`make_tpv`): 4 x ``vecs`` accumulators.
+TPV_ROWS = 4
 #: PV's work units hold up to this many rows (more for wide bands), and a residue at least two
 #: units (see :func:`make_pv`).
 PV_UNIT_ROWS = 2048
@@ -69,6 +76,26 @@ def qk_slab_panels(left, right, tt, v):
 
 def packed_width(dim, v):
     return ceil_div(dim, v * PV_VEC_ROUND) * (v * PV_VEC_ROUND)
+
+
+def block_mid(block, C):  # slab columns, from block - 1, in the band of every row of a block
+    return T.max(C - (block - 1), T.int64(0))
+
+
+def edge_range(block, C, ii, lo=0, hi=None):
+    """Row ii's edge in a register block of ``block`` rows: its band ``[ii, ii + C)`` less the
+    block's middle ``[block - 1, C)``, i.e. ``[ii, min(block - 1, ii + C))`` and
+    ``[max(C, block - 1), ii + C)``, both cut to ``[lo, hi)``: ``block - 1`` columns at most.
+    Returns (low start, low length, high start, length)."""
+    hi = ii + C if hi is None else hi
+    l0, h0 = T.max(ii, lo), T.max(T.max(C, T.int64(block - 1)), lo)
+    n_low = T.max(T.min(T.min(T.int64(block - 1), ii + C), hi) - l0, T.int64(0))
+    return l0, n_low, h0, n_low + T.max(T.min(ii + C, hi) - h0, T.int64(0))
+
+
+def edge_col(block, C, ii, e, lo=0, hi=None):  # the column of row ii's edge index e
+    l0, n_low, h0, _ = edge_range(block, C, ii, lo, hi)
+    return T.if_then_else(e < n_low, l0 + e, h0 + e - n_low)
 
 
 #: Data alignment (bytes) the views are declared with.
@@ -175,13 +202,14 @@ def make_pv(dtype: str, v: int, group: int, vecs: int = PV_VECS):
     slab column q (key ``q - left`` from the group's first row) meets row ii through
     ``P[ii, q - ii]``. In the middle columns ``q`` in ``[group - 1, C)`` that entry is inside the
     band for every row of the group, so the GEMM broadcasts it straight from P's row (``acc``).
-    Only the ``group - 1`` columns at either end need the band's test: one small masked GEMM over
-    both (``acc_edge``). The two partial sums (OM, OE) are added when the tile is written out.
+    Of the ``group - 1`` columns at either end, each row takes the ones in its band, a range per
+    row (``acc_edge``). The two partial sums (OM, OE) are added when the tile is written out.
 
     P is the largest operand and each of its rows is a short stream (one head's row; the head's
     next row lies ``H`` rows on), which the hardware prefetcher picks up late. So the first
     head-dim pass of each group prefetches the next group's rows into L2, one cache line of each
-    row per line of columns (``prefetch``): 15.1 against 16.0 ms at N=4096, w=256 on 2 cores.
+    row per line of its columns, counted from its first (``prefetch``): 15.1 against 16.0 ms at
+    N=4096, w=256 on 2 cores.
     The prefetch must sit inside the reduction loop, so the head-dim split (``vecs``) is part of
     the formulation here, not of the schedule; and the accumulators stay in registers across it
     only if the register block is a stack buffer, which TVM makes of a "global" buffer under
@@ -196,9 +224,10 @@ def make_pv(dtype: str, v: int, group: int, vecs: int = PV_VECS):
     are the parallel items, so one head still spreads over two cores; a unit's overlap with the
     next is packed by both.
 
-    Keys outside the sequence meet zero rows of the packed V, and the masked edges meet V rows
-    with a zero, so an inf or NaN there (outside the band, where the reference ignores it) makes
-    a NaN: :mod:`longformer_tvm.ops` checks the result and recomputes such a product.
+    A group's slab column holds one key for all its rows, so the middle GEMM runs over the columns
+    whose key is inside the sequence, and each row's edge is cut to them too: P's entries at keys
+    outside may be NaN (a softmax of a fully masked row), and a mask zeroing P's entry would make
+    ``0 * inf`` = NaN of an inf in V. So an inf or NaN stays in the rows whose band holds it.
     """
     if pv_block_bytes(dtype, v, group, vecs) >= STACK_BUFFER_BYTES:
         raise ValueError(f"PV's register block ({group} rows x {vecs} x {v} {dtype}) must be under "
@@ -231,14 +260,27 @@ def make_pv(dtype: str, v: int, group: int, vecs: int = PV_VECS):
         return T.min(unit_tiles(N, d, left, right),
                      tiles_per_residue(N, d, tt) - u * unit_tiles(N, d, left, right))
 
-    def mid(C):  # middle slab columns of a group
-        return T.max(C - (group - 1), T.int64(0))
-
-    def edge(C, e):  # slab column of edge column e: the group - 1 first, then the group - 1 last
-        return T.if_then_else(e < group - 1, e, T.max(C, T.int64(group - 1)) + e - (group - 1))
-
     def p_row(N, d, r, blk, g, ii):  # P row of a group row; rows past N read row N-1, unused
         return T.min((blk * tt + g * group + ii) * d + r, N - 1)
+
+    # slab column q of group g of tile blk holds key blk * TT + g * group + q - left for all its rows
+    def mid_lo(left, C, blk, g):  # the middle columns (from group - 1) whose key is in the sequence
+        return clamp(left - (group - 1) - blk * tt - g * group, 0, block_mid(group, C))
+
+    def mid_len(N, d, r, left, C, blk, g):
+        return clamp(rows_in_residue(N, d, r) + left - (group - 1) - blk * tt - g * group,
+                     mid_lo(left, C, blk, g), block_mid(group, C)) - mid_lo(left, C, blk, g)
+
+    def mid_col(left, C, blk, g, q):  # slab column of the middle GEMM's reduction index q
+        return mid_lo(left, C, blk, g) + q + (group - 1)
+
+    def edge_n(N, d, r, left, C, blk, g, ii):  # row ii's edge, cut to the keys in the sequence
+        m0 = blk * tt + g * group
+        return edge_range(group, C, ii, left - m0, rows_in_residue(N, d, r) + left - m0)[3]
+
+    def edge_q(N, d, r, left, C, blk, g, ii, e):  # slab column of group row ii's edge index e
+        m0 = blk * tt + g * group
+        return edge_col(group, C, ii, e, left - m0, rows_in_residue(N, d, r) + left - m0)
 
     @T.prim_func(s_tir=True)
     def band_pv(p_h: T.handle, v_h: T.handle, o_h: T.handle, left: T.int64, right: T.int64,
@@ -271,51 +313,59 @@ def make_pv(dtype: str, v: int, group: int, vecs: int = PV_VECS):
                         VP[vb, vh, vr, vu, vm, vk] = Vt[
                             vb, (unit_row(N, d, left, right, vu, vm) - left) * d + vr, vh, vk]
             for t in range(unit_tile_count(N, d, left, right, u)):
-                with T.sblock("acc_tile"):  # its own scope, so the GEMM can be scheduled alone
-                    for g, ko, q in T.grid(T.int64(tt // group), packed_width(D, v) // chunk, mid(C)):
-                        if ko == 0 and q % line == 0:
-                            for ii in range(T.int64(group)):
-                                with T.sblock("prefetch"):  # the next group's rows, into L2
-                                    T.reads()
-                                    T.writes()
-                                    T.evaluate(T.call_llvm_intrin(
-                                        "void", "llvm.prefetch.p0",
-                                        T.address_of(P[b, p_row(N, d, r, tile(N, d, left, right, u, t),
-                                                                g + 1, ii), h, q]),
-                                        T.int32(0), T.int32(2), T.int32(1)))
-                        for ii, kv, kl in T.grid(T.int64(group), T.int64(vecs), T.int64(v)):
-                            with T.sblock("acc"):
+                # a group's GEMM in its own scope (scheduled alone; the group fixes its columns)
+                for g in range(T.int64(tt // group)):
+                    with T.sblock("acc_tile"):  # the columns whose key is in the sequence
+                        for ko, q in T.grid(packed_width(D, v) // chunk,
+                                            mid_len(N, d, r, left, C, tile(N, d, left, right, u, t), g)):
+                            if ko == 0 and q % line == 0:
+                                for ii in range(T.int64(group)):
+                                    with T.sblock("prefetch"):  # the next group's rows, into L2
+                                        T.reads()
+                                        T.writes()
+                                        T.evaluate(T.call_llvm_intrin(
+                                            "void", "llvm.prefetch.p0",
+                                            T.address_of(P[
+                                                b, p_row(N, d, r, tile(N, d, left, right, u, t),
+                                                         g + 1, ii),
+                                                h, q + mid_lo(left, C, tile(N, d, left, right, u, t), g)]),
+                                            T.int32(0), T.int32(2), T.int32(1)))
+                            for ii, kv, kl in T.grid(T.int64(group), T.int64(vecs), T.int64(v)):
+                                with T.sblock("acc"):
+                                    vb, vh, vr, vu, vg, vii = T.axis.remap("SSSSSS", [b, h, r, u, g, ii])
+                                    vblk = T.axis.spatial(tiles_per_residue(N, d, tt),
+                                                          tile(N, d, left, right, u, t))
+                                    vk = T.axis.spatial(packed_width(D, v), ko * chunk + kv * v + kl)
+                                    vq = T.axis.reduce(block_mid(group, C), q)
+                                    with T.init():
+                                        OM[vb, vh, vr, vblk, vg * group + vii, vk] = zero
+                                    OM[vb, vh, vr, vblk, vg * group + vii, vk] = (
+                                        OM[vb, vh, vr, vblk, vg * group + vii, vk]
+                                        + P[vb, p_row(N, d, vr, vblk, vg, vii), vh,
+                                            mid_col(left, C, vblk, vg, vq) - vii]
+                                        * VP[vb, vh, vr, vu, packed_row(
+                                            N, d, left, right, vu, vblk, vg,
+                                            mid_col(left, C, vblk, vg, vq)), vk])
+                # a group row's edge columns, each row its own scope (the range is the row's)
+                for g, ii in T.grid(T.int64(tt // group), T.int64(group)):
+                    with T.sblock("edge_row"):
+                        for e, k in T.grid(edge_n(N, d, r, left, C, tile(N, d, left, right, u, t), g, ii),
+                                           packed_width(D, v)):
+                            with T.sblock("acc_edge"):
                                 vb, vh, vr, vu, vg, vii = T.axis.remap("SSSSSS", [b, h, r, u, g, ii])
                                 vblk = T.axis.spatial(tiles_per_residue(N, d, tt),
                                                       tile(N, d, left, right, u, t))
-                                vk = T.axis.spatial(packed_width(D, v), ko * chunk + kv * v + kl)
-                                vq = T.axis.reduce(mid(C), q)
+                                ve = T.axis.reduce(T.int64(group - 1), e)
+                                vk = T.axis.spatial(packed_width(D, v), k)
                                 with T.init():
-                                    OM[vb, vh, vr, vblk, vg * group + vii, vk] = zero
-                                OM[vb, vh, vr, vblk, vg * group + vii, vk] = (
-                                    OM[vb, vh, vr, vblk, vg * group + vii, vk]
-                                    + P[vb, p_row(N, d, vr, vblk, vg, vii), vh, vq + (group - 1) - vii]
-                                    * VP[vb, vh, vr, vu, packed_row(N, d, left, right, vu, vblk, vg,
-                                                                    vq + (group - 1)), vk])
-                with T.sblock("edge_tile"):
-                    for g, ii, k, e in T.grid(T.int64(tt // group), T.int64(group), packed_width(D, v),
-                                              T.int64(2 * (group - 1))):
-                        with T.sblock("acc_edge"):  # slab column edge(C, e)
-                            vb, vh, vr, vu, vg, vii, vk, ve = T.axis.remap(
-                                "SSSSSSSR", [b, h, r, u, g, ii, k, e])
-                            vblk = T.axis.spatial(tiles_per_residue(N, d, tt),
-                                                  tile(N, d, left, right, u, t))
-                            with T.init():
-                                OE[vb, vh, vr, vblk, vg * group + vii, vk] = zero
-                            OE[vb, vh, vr, vblk, vg * group + vii, vk] = (
-                                OE[vb, vh, vr, vblk, vg * group + vii, vk]
-                                + T.if_then_else(
-                                    edge(C, ve) >= vii and edge(C, ve) - vii < C,
-                                    P[vb, p_row(N, d, vr, vblk, vg, vii), vh,
-                                      clamp(edge(C, ve) - vii, 0, C - 1)],
-                                    zero)
-                                * VP[vb, vh, vr, vu, packed_row(N, d, left, right, vu, vblk, vg,
-                                                                edge(C, ve)), vk])
+                                    OE[vb, vh, vr, vblk, vg * group + vii, vk] = zero
+                                OE[vb, vh, vr, vblk, vg * group + vii, vk] = (
+                                    OE[vb, vh, vr, vblk, vg * group + vii, vk]
+                                    + P[vb, p_row(N, d, vr, vblk, vg, vii), vh,
+                                        edge_q(N, d, vr, left, C, vblk, vg, vii, ve) - vii]
+                                    * VP[vb, vh, vr, vu, packed_row(
+                                        N, d, left, right, vu, vblk, vg,
+                                        edge_q(N, d, vr, left, C, vblk, vg, vii, ve)), vk])
                 for ii, k in T.grid(tt, D):
                     with T.sblock("out"):
                         vb, vh, vr, vii, vk = T.axis.remap("SSSSS", [b, h, r, ii, k])
@@ -328,15 +378,21 @@ def make_pv(dtype: str, v: int, group: int, vecs: int = PV_VECS):
     return band_pv.with_attr("global_symbol", "band_pv")
 
 
-def make_tpv(dtype: str, v: int, rows: int | None = None):
+def make_tpv(dtype: str, v: int, rows: int = TPV_ROWS):
     """The adjoint of PV in P: ``out[j] = sum over the rows i whose band holds key j of
     G[i, j - i + left] X[i]``. The reduction runs over the tile's slab of rows.
 
     Slab row q of tile ``blk`` (residue position ``blk*TT + q - right``) is the query row. The
     sheared operand ``PS[q, ii]`` holds ``G[slab row q, left + right + ii - q]`` (a slab row copies
     from one G row), zero where that is outside the band or the sequence.
+
+    The GEMM runs in blocks of ``rows`` output rows (the register block; ``TT`` a multiple of it).
+    Slab row q is in row ii's band when ``0 <= q - ii < C``: relative to the block, slab rows
+    ``[rows - 1, C)`` are in every row's (``acc``), and each row takes its range of the others
+    (``acc_edge``). So no zero of PS meets X (times an inf in X it would be a NaN in a row whose
+    band never held it) but outside the sequence, where the packed X is zero too.
     """
-    tt = rows or v  # tile height: any value (no panel alignment in this product)
+    tt = rows * ceil_div(v, rows)  # tile height: a multiple of the block (no panel alignment here)
     zero = T.cast(0, dtype)
 
     def slab(left, right):
@@ -374,7 +430,9 @@ def make_tpv(dtype: str, v: int, rows: int | None = None):
         VP = T.sblock_alloc_buffer((B, H, d, total_rows(N, d, left, right), packed_width(D, v)), dtype)
         PS = T.sblock_alloc_buffer(
             (B, H, d, tiles_per_residue(N, d, tt), slab(left, right), tt), dtype)
-        OT = T.sblock_alloc_buffer((B, H, d, tiles_per_residue(N, d, tt), tt, packed_width(D, v)), dtype)
+        tile_shape = (B, H, d, tiles_per_residue(N, d, tt), tt, packed_width(D, v))
+        OT = T.sblock_alloc_buffer(tile_shape, dtype)
+        OE = T.sblock_alloc_buffer(tile_shape, dtype)
         for b, h, r in T.grid(B, H, d):  # the slab operand, zero outside the sequence
             for m in range(total_rows(N, d, left, right)):
                 for k in range(packed_width(D, v)):
@@ -406,19 +464,37 @@ def make_tpv(dtype: str, v: int, rows: int | None = None):
                     PS[vb, vh, vr, vblk, vo, vi] = G[
                         vb, (vblk * tt + vo - right) * d + vr, vh, left + right + vi - vo]
             with T.sblock("acc_tile"):  # its own scope, so the GEMM can be scheduled alone
-                for ii, k, q in T.grid(tt, packed_width(D, v), slab(left, right)):
-                    with T.sblock("acc"):
-                        vb, vh, vr, vblk, vii, vk, vq = T.axis.remap(
-                            "SSSSSSR", [b, h, r, blk, ii, k, q])
+                for io, q, ii, k in T.grid(T.int64(tt // rows), block_mid(rows, C), T.int64(rows),
+                                           packed_width(D, v)):
+                    with T.sblock("acc"):  # block row ii meets slab row io * rows + rows - 1 + q
+                        vb, vh, vr, vblk, vio, vq, vii, vk = T.axis.remap(
+                            "SSSSSRSS", [b, h, r, blk, io, q, ii, k])
                         with T.init():
-                            OT[vb, vh, vr, vblk, vii, vk] = zero
-                        OT[vb, vh, vr, vblk, vii, vk] = (
-                            OT[vb, vh, vr, vblk, vii, vk]
-                            + PS[vb, vh, vr, vblk, vq, vii] * VP[vb, vh, vr, vblk * tt + vq, vk])
+                            OT[vb, vh, vr, vblk, vio * rows + vii, vk] = zero
+                        OT[vb, vh, vr, vblk, vio * rows + vii, vk] = (
+                            OT[vb, vh, vr, vblk, vio * rows + vii, vk]
+                            + PS[vb, vh, vr, vblk, vio * rows + (rows - 1) + vq, vio * rows + vii]
+                            * VP[vb, vh, vr, vblk * tt + vio * rows + (rows - 1) + vq, vk])
+            # a block row's edge slab rows, each row its own scope (the range is the row's)
+            for io, ii in T.grid(T.int64(tt // rows), T.int64(rows)):
+                with T.sblock("edge_row"):
+                    for e, k in T.grid(edge_range(rows, C, ii)[3], packed_width(D, v)):
+                        with T.sblock("acc_edge"):
+                            vb, vh, vr, vblk, vio, vii = T.axis.remap("SSSSSS", [b, h, r, blk, io, ii])
+                            ve = T.axis.reduce(T.int64(rows - 1), e)
+                            vk = T.axis.spatial(packed_width(D, v), k)
+                            with T.init():
+                                OE[vb, vh, vr, vblk, vio * rows + vii, vk] = zero
+                            OE[vb, vh, vr, vblk, vio * rows + vii, vk] = (
+                                OE[vb, vh, vr, vblk, vio * rows + vii, vk]
+                                + PS[vb, vh, vr, vblk, vio * rows + edge_col(rows, C, vii, ve),
+                                     vio * rows + vii]
+                                * VP[vb, vh, vr, vblk * tt + vio * rows + edge_col(rows, C, vii, ve), vk])
             for ii, k in T.grid(tt, D):
                 with T.sblock("out"):
                     vb, vh, vr, vblk, vii, vk = T.axis.remap("SSSSSS", [b, h, r, blk, ii, k])
                     T.where((blk * tt + ii) * d + r < N)
-                    O[vb, (vblk * tt + vii) * d + vr, vh, vk] = OT[vb, vh, vr, vblk, vii, vk]
+                    O[vb, (vblk * tt + vii) * d + vr, vh, vk] = (
+                        OT[vb, vh, vr, vblk, vii, vk] + OE[vb, vh, vr, vblk, vii, vk])
 
     return band_tpv.with_attr("global_symbol", "band_pv_transposed")

@@ -9,14 +9,18 @@ to the symbolic function.
 
 Knobs (tiled formulation, see :mod:`tvm_kernels.cpu.kernels`):
 
-* ``rows`` (QK, transposed PV): tile rows per microkernel pass (register block height);
+* ``rows`` (QK): tile rows per microkernel pass (register block height);
 * ``panels`` (QK): key panels of ``V`` lanes per pass (register block width = panels * V);
-* ``vecs`` (transposed PV): head-dim vectors per pass (register block width = vecs * V);
-* ``edge_vecs`` (PV): the same for PV's masked edge GEMM.
+* ``vecs`` (transposed PV): head-dim vectors per pass of both its GEMMs (register block width =
+  vecs * V);
+* ``edge_vecs`` (PV): the same for PV's edge GEMM (one row at a time).
 
 PV's middle GEMM has no knob: its register block is the formulation's row group
 (:func:`pv_group`) by :data:`tvm_kernels.cpu.kernels.PV_VECS` vectors, because the loop that
 prefetches P's next rows is part of the formulation (:func:`tvm_kernels.cpu.kernels.make_pv`).
+The transposed product's register block height is part of its formulation too
+(:data:`tvm_kernels.cpu.kernels.TPV_ROWS`): it splits the GEMM into the slab rows in the band of
+the whole block and each row's edge (:func:`tvm_kernels.cpu.kernels.make_tpv`).
 """
 
 from __future__ import annotations
@@ -27,15 +31,15 @@ from tvm import s_tir
 SPACE = {
     "qk": {"rows": [4, 8, 16], "panels": [1, 2]},
     "pv": {"edge_vecs": [1, 2, 4]},
-    "tpv": {"rows": [4, 8, 16], "vecs": [1, 2, 4]},
+    "tpv": {"vecs": [1, 2, 4]},
 }
 
 #: The hand schedules, by vector register file: 32 registers (AVX-512) or 16 (AVX2, SSE).
-#: Accumulators take rows * panels (QK), group * vecs (PV) or rows * vecs (transposed PV)
+#: Accumulators take rows * panels (QK), group * vecs (PV) or TPV_ROWS * vecs (transposed PV)
 #: registers; the rest hold operands.
 HAND = {
-    32: {"qk": {"rows": 8, "panels": 2}, "pv": {"edge_vecs": 2}, "tpv": {"rows": 4, "vecs": 4}},
-    16: {"qk": {"rows": 4, "panels": 2}, "pv": {"edge_vecs": 2}, "tpv": {"rows": 4, "vecs": 2}},
+    32: {"qk": {"rows": 8, "panels": 2}, "pv": {"edge_vecs": 2}, "tpv": {"vecs": 4}},
+    16: {"qk": {"rows": 4, "panels": 2}, "pv": {"edge_vecs": 2}, "tpv": {"vecs": 2}},
 }
 
 #: PV's row group (its register block height), by vector register file. 7 rows x 2 vectors are
@@ -99,13 +103,14 @@ def knobs_in(func) -> dict:
 def _register_block(sch: s_tir.Schedule, block, tiles, outer, reduction, rows, cols, lanes,
                     scope: str = "local") -> None:
     """The GEMM microkernel shared by every product: accumulators in registers (a local cache
-    written back at ``outer``), rows and columns unrolled, lanes vectorised, ``tiles`` (if given)
-    in parallel."""
+    written back at ``outer``), rows (if given) and columns unrolled, lanes vectorised, ``tiles``
+    (if given) in parallel."""
     acc = sch.cache_write(block, 0, scope)
     sch.reverse_compute_at(acc, outer, preserve_unit_loops=True)
     sch.vectorize(lanes)
     sch.unroll(cols)
-    sch.unroll(rows)
+    if rows is not None:
+        sch.unroll(rows)
     sch.vectorize(sch.get_loops(acc)[-1])
     if tiles is not None:
         sch.parallel(tiles)
@@ -131,8 +136,8 @@ def schedule_qk(sch: s_tir.Schedule, knobs: dict) -> None:
 def schedule_pv(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
     """Parallel over work units; the middle GEMM (acc) is a group x vecs register block whose loops
     the formulation already has (its prefetch sits in the reduction loop), with its accumulators
-    in a stack buffer; the edge GEMM (acc_edge) becomes a group x (edge_vecs*V) register block,
-    its few columns unrolled."""
+    in a stack buffer; the edge GEMM (acc_edge, a range of columns per row) becomes a
+    1 x (edge_vecs*V) register block."""
     # The unit loops (shared by the pack and the GEMMs) are fused first: TVM 0.27's schedule
     # state otherwise edits a later block's loops in place in the function it was given, which
     # MetaSchedule replays traces on.
@@ -144,22 +149,28 @@ def schedule_pv(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
     # the prefetch; a "local" one lives in the workspace, where it cannot
     _register_block(sch, block, units, ko, q, rows=ii, cols=kv, lanes=kl, scope="global")
     edge = sch.get_sblock("acc_edge")
-    g, ii, k, q = sch.get_loops(edge)[-4:]
+    e, k = sch.get_loops(edge)[-2:]
     ko, kv, kl = sch.split(k, [None, _knob(sch, "pv", knobs, "edge_vecs", edge), v])
-    sch.reorder(g, ko, q, ii, kv, kl)
-    _register_block(sch, edge, None, ko, q, rows=ii, cols=kv, lanes=kl)
-    sch.unroll(q)
+    sch.reorder(ko, e, kv, kl)
+    _register_block(sch, edge, None, ko, e, rows=None, cols=kv, lanes=kl)
 
 
 def schedule_tpv(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
-    """Parallel over tiles; the acc block becomes a rows x (vecs*V) register-blocked GEMM."""
+    """Parallel over tiles; the middle GEMM (acc) becomes a TPV_ROWS x (vecs*V) register block
+    over the formulation's row blocks, and the edge GEMM (acc_edge, a range of slab rows per row)
+    a 1 x (vecs*V) one."""
     acc_blk, pack_blk = sch.get_sblock("acc"), sch.get_sblock("pack")
     tiles = sch.fuse(*sch.get_loops(sch.get_sblock("acc_tile")))
-    ii, k, q = sch.get_loops(acc_blk)
-    ko, kv, kl = sch.split(k, [None, _knob(sch, "tpv", knobs, "vecs", acc_blk), v])
-    iio, iii = sch.split(ii, [None, _knob(sch, "tpv", knobs, "rows", acc_blk)])
-    sch.reorder(ko, iio, q, iii, kv, kl)
-    _register_block(sch, acc_blk, tiles, iio, q, rows=iii, cols=kv, lanes=kl)
+    vecs = _knob(sch, "tpv", knobs, "vecs", acc_blk)
+    io, q, ii, k = sch.get_loops(acc_blk)[-4:]
+    ko, kv, kl = sch.split(k, [None, vecs, v])
+    sch.reorder(ko, io, q, ii, kv, kl)
+    _register_block(sch, acc_blk, tiles, io, q, rows=ii, cols=kv, lanes=kl)
+    edge = sch.get_sblock("acc_edge")
+    e, k = sch.get_loops(edge)[-2:]
+    ko, kv, kl = sch.split(k, [None, vecs, v])
+    sch.reorder(ko, e, kv, kl)
+    _register_block(sch, edge, None, ko, e, rows=None, cols=kv, lanes=kl)
     sch.vectorize(sch.get_loops(sch.get_sblock("shear"))[-1])  # full slab rows: one tt-wide copy
     sch.parallel(sch.fuse(*sch.get_loops(pack_blk)[:3]))
 
