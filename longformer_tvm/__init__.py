@@ -5,10 +5,7 @@ runtime; importing this package never imports the TVM compiler and never fails b
 is missing -- that becomes an error at call time naming what to build (see :func:`backend_info`).
 """
 
-import logging as _logging
-import os as _os
-
-from . import backends, reference
+from . import _install, backends, reference
 from ._contract import __version__
 from ._errors import KernelIntegrityError, KernelNotAvailableError
 from ._pool import empty_cache
@@ -16,9 +13,8 @@ from .backends import backend_info
 from .attention import AttentionOutput, LongformerSelfAttention
 from .functional import diagonaled_mm, sliding_window_pv, sliding_window_pv_transposed, sliding_window_qk
 
-_level = _os.environ.get("LONGFORMER_TVM_LOG_LEVEL")
-if _level:
-    _logging.getLogger("longformer_tvm").setLevel(_level.upper())
+# LONGFORMER_TVM_LOG_LEVEL, and a warning for a bad LONGFORMER_TVM_BACKEND (never an error here)
+_install.apply_import_settings()
 
 __all__ = [
     "diagonaled_mm",

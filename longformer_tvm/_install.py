@@ -1,11 +1,16 @@
-"""This installation: where libraries live, which TVM releases they must match, which backend
-mode is asked for, and loading the TVM runtime. No device knowledge here."""
+"""This installation: where libraries live, which TVM releases they must match, the settings read
+from the environment, and loading the TVM runtime (with its CPU thread pool across ``fork()``).
+No device knowledge here."""
 
 from __future__ import annotations
 
 import ctypes
+import functools
+import logging
 import os
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -13,6 +18,8 @@ import torch
 from ._contract import BUILD_SCRIPT, KERNEL_SOURCES, PREBUILT_DIR, REPO_DIR, RUNTIME_DIR_ENV, \
     installed_versions, source_hash, tvm_lib_dir
 from ._errors import KernelNotAvailableError
+
+logger = logging.getLogger("longformer_tvm")
 
 #: Layout of the per-user cache (the name of its versioned folders); bump it when that changes.
 CACHE_LAYOUT = 1
@@ -67,11 +74,100 @@ def cache_library_dir() -> Path:
                           f"-src{src[:16] if src else 'none'}")
 
 
+# ---- settings from the environment ---------------------------------------------------------
+# Each reader returns the setting, or raises ValueError naming the variable, its value and what it
+# accepts. Where a variable is read decides what a bad value does: LONGFORMER_TVM_LOG_LEVEL (at
+# import) and LONGFORMER_TVM_POOL_MB (at import, _pool.py) warn and keep the default;
+# TVM_NUM_THREADS warns and is replaced when the runtime loads; LONGFORMER_TVM_BACKEND makes every
+# band product raise. None of them makes ``import longformer_tvm`` fail, and backend_info() lists
+# them all under "errors".
+
+LOG_LEVEL_ENV = "LONGFORMER_TVM_LOG_LEVEL"
+BACKEND_ENV = "LONGFORMER_TVM_BACKEND"
+POOL_ENV = "LONGFORMER_TVM_POOL_MB"
+THREADS_ENV = "TVM_NUM_THREADS"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+BACKEND_MODES = ("auto", "reference")
+#: Idle output memory kept by default (MiB), see _pool.py.
+DEFAULT_POOL_MB = 1024
+
+
+def _setting(name: str) -> str | None:
+    raw = os.environ.get(name)
+    return raw.strip() if raw is not None and raw.strip() else None
+
+
+def log_level() -> int | None:
+    """``LONGFORMER_TVM_LOG_LEVEL``: a level name (any case) or a number; None where unset."""
+    raw = _setting(LOG_LEVEL_ENV)
+    if raw is None:
+        return None
+    if raw.upper() in LOG_LEVELS:
+        return getattr(logging, raw.upper())
+    if raw.isdigit():
+        return int(raw)
+    raise ValueError(f"{LOG_LEVEL_ENV}={raw!r} is not a log level: use one of "
+                     f"{', '.join(LOG_LEVELS)} (any case) or a number")
+
+
 def backend_mode() -> str:
-    mode = os.environ.get("LONGFORMER_TVM_BACKEND", "auto").strip().lower() or "auto"
-    if mode not in ("auto", "reference"):
-        raise ValueError(f"LONGFORMER_TVM_BACKEND must be 'auto' or 'reference', got {mode!r}")
+    """``LONGFORMER_TVM_BACKEND``: ``auto`` (compiled kernels, the default) or ``reference``."""
+    raw = _setting(BACKEND_ENV)
+    mode = "auto" if raw is None else raw.lower()
+    if mode not in BACKEND_MODES:
+        raise ValueError(f"{BACKEND_ENV}={raw!r} is not a backend mode: use 'auto' (compiled "
+                         "kernels, the default) or 'reference' (plain-PyTorch products), or unset it")
     return mode
+
+
+def pool_limit_mb() -> int:
+    """``LONGFORMER_TVM_POOL_MB``: MiB of idle output memory kept, a whole number >= 0."""
+    raw = _setting(POOL_ENV)
+    if raw is None:
+        return DEFAULT_POOL_MB
+    if not raw.isdigit():
+        raise ValueError(f"{POOL_ENV}={raw!r} is not a whole number of MiB >= 0 (0 turns the "
+                         f"output pool off; the default is {DEFAULT_POOL_MB})")
+    return int(raw)
+
+
+def tvm_num_threads() -> int | None:
+    """``TVM_NUM_THREADS``: threads of TVM's CPU pool, a whole number >= 1; None where unset."""
+    raw = _setting(THREADS_ENV)
+    if raw is None:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        # TVM itself reads it with atoi: anything else would silently run single-threaded
+        raise ValueError(f"{THREADS_ENV}={raw!r} is not a whole number of threads >= 1 (unset, "
+                         "it follows torch.get_num_threads())")
+    return int(raw)
+
+
+def setting_errors() -> list[str]:
+    """What is wrong with the settings in the environment now ([] if nothing)."""
+    errors = []
+    for read in (log_level, backend_mode, pool_limit_mb, tvm_num_threads):
+        try:
+            read()
+        except ValueError as exc:
+            errors.append(str(exc))
+    return errors
+
+
+def apply_import_settings() -> None:
+    """At import: the package logger's level, and a warning for a bad LONGFORMER_TVM_BACKEND
+    (which will make every band product raise)."""
+    try:
+        level = log_level()
+    except ValueError as exc:
+        logger.warning("%s; the log level is left as it is", exc)
+        level = None
+    if level is not None:
+        logger.setLevel(level)
+    try:
+        backend_mode()
+    except ValueError as exc:
+        logger.warning("%s; until then the band products raise", exc)
 
 
 def compiler_available() -> bool:

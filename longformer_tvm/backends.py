@@ -13,6 +13,7 @@ adding a device means adding a row. ``REGISTRY`` is the one owner of loaded libr
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -114,9 +115,19 @@ def _listing(cands: list[Candidate]) -> list[dict]:
 def backend_info() -> dict:
     """Which backend serves which (device, dtype): the libraries loaded, and every candidate
     considered with the reasons it was ruled out. Per device, its backend's own facts (the
-    CPU's ISA and features; CUDA's runtime, GPUs and libraries per arch)."""
+    CPU's ISA and features; CUDA's runtime, GPUs and libraries per arch).
+
+    ``mode`` is ``auto`` or ``reference`` (``LONGFORMER_TVM_BACKEND``), or ``invalid`` where that
+    variable holds anything else (the band products then raise); ``errors`` says what is wrong
+    with each environment setting the package reads ([] when nothing is)."""
     loaded = REGISTRY.chosen()
-    info = {"mode": _install.backend_mode(), "versions": _install.runtime_versions(),
+    try:
+        mode = _install.backend_mode()
+    except ValueError:
+        mode = "invalid"
+    info = {"mode": mode, "errors": _install.setting_errors(),
+            "tvm_num_threads": os.environ.get(_install.THREADS_ENV),
+            "versions": _install.runtime_versions(),
             "prebuilt_dirs": [str(p) for p in REGISTRY.prebuilt_dirs()],
             "cache_dir": str(_install.cache_dir()),
             "cache_library_dir": str(_install.cache_library_dir()),
