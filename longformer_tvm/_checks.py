@@ -11,6 +11,7 @@ import dataclasses
 import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 #: Dtypes the products are defined for (the compiled libraries cover a subset per device).
@@ -53,14 +54,36 @@ def _as_int(op: str, name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
             return int(value.item())
+        if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
+            return int(value)
         raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__} ({name}={value!r})")
     return int(value)
+
+
+def _integer_array(op: str, dilation, heads: int) -> tuple[int, ...]:
+    """A torch tensor or numpy array of dilations: 0-D (every head) or 1-D (one per head)."""
+    kind = "tensor" if isinstance(dilation, torch.Tensor) else "numpy array"
+    integral = (not (dilation.is_floating_point() or dilation.is_complex() or dilation.dtype == torch.bool)
+                if kind == "tensor" else dilation.dtype.kind in "iu")
+    if not integral:
+        raise TypeError(f"{op}: dilation must hold integers, got a {kind} of dtype {dilation.dtype}")
+    if dilation.ndim == 0:
+        return (int(dilation.item()),) * heads
+    if dilation.ndim != 1:
+        raise ValueError(f"{op}: dilation must be an int or a 1-D {kind} of length heads={heads}, "
+                         f"got a {kind} of shape {tuple(dilation.shape)}")
+    dils = tuple(int(x) for x in dilation.tolist())
+    if len(dils) != heads:
+        raise ValueError(f"{op}: dilation must have one entry per head: got {len(dils)} entries "
+                         f"for heads={heads}")
+    return dils
 
 
 def normalize_band(op: str, window, dilation, autoregressive: bool, heads: int) -> Band:
     """Check ``window``/``dilation``/``autoregressive`` and return the :class:`Band` they describe.
 
-    ``dilation`` is an int (all heads) or a length-``heads`` sequence / 1-D integer tensor.
+    ``dilation`` is an int (all heads; numpy integers count), or one int per head: a length-``heads``
+    sequence, 1-D integer tensor or 1-D integer numpy array.
     """
     w = _as_int(op, "window", window)
     if w < 0:
@@ -70,21 +93,8 @@ def normalize_band(op: str, window, dilation, autoregressive: bool, heads: int) 
                          f"in int64), got {w=}")
     if not isinstance(autoregressive, bool):
         raise TypeError(f"{op}: autoregressive must be a bool, got {autoregressive!r}")
-    if isinstance(dilation, torch.Tensor):
-        if dilation.is_floating_point() or dilation.is_complex() or dilation.dtype == torch.bool:
-            raise TypeError(f"{op}: dilation must hold integers, got a tensor of dtype {dilation.dtype}")
-        if dilation.dim() == 0:
-            dils = (int(dilation.item()),)
-        elif dilation.dim() == 1:
-            dils = tuple(int(x) for x in dilation.tolist())
-        else:
-            raise ValueError(f"{op}: dilation must be an int or a 1-D tensor of length heads={heads}, "
-                             f"got a tensor of shape {tuple(dilation.shape)}")
-        if dilation.dim() == 1 and len(dils) != heads:
-            raise ValueError(f"{op}: dilation must have one entry per head: got {len(dils)} entries "
-                             f"for heads={heads}")
-        if dilation.dim() == 0:
-            dils = dils * heads
+    if isinstance(dilation, (torch.Tensor, np.ndarray)):
+        dils = _integer_array(op, dilation, heads)
     elif isinstance(dilation, Sequence) and not isinstance(dilation, (str, bytes)):
         dils = tuple(_as_int(op, "dilation[i]", x) for x in dilation)
         if len(dils) != heads:
