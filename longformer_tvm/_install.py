@@ -187,8 +187,84 @@ def load_tvm_runtime() -> None:
             "installed; install the pinned apache-tvm (pip install -e .)")
     # TVM's CPU thread pool sizes itself from TVM_NUM_THREADS when first used (its own default is
     # half the logical CPUs); follow torch's setting unless the user chose.
-    os.environ.setdefault("TVM_NUM_THREADS", str(torch.get_num_threads()))
+    try:
+        tvm_num_threads()
+    except ValueError as exc:
+        logger.warning("%s; using torch.get_num_threads() = %d", exc, torch.get_num_threads())
+        del os.environ[THREADS_ENV]
+    if THREADS_ENV not in os.environ:
+        os.environ[THREADS_ENV] = str(torch.get_num_threads())
+        AFTER_FORK.threads_follow_torch = True
     # TVM's workers spin-wait after each kernel and take the cores from torch's threads in the
     # ops that follow (softmax, projections); let them sleep instead.
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
     ctypes.CDLL(str(lib / "libtvm_runtime.so"), mode=os.RTLD_GLOBAL | os.RTLD_NOW)
+    AFTER_FORK.runtime_loaded = True
+
+
+# ---- TVM's CPU thread pool across fork() ----------------------------------------------------
+
+class ForkedThreadPool:
+    """Runs CPU kernels in a child made by ``fork()`` (a DataLoader worker, say) that would hang.
+
+    TVM runs a CPU kernel on a thread pool that belongs to the calling thread (thread-local),
+    created on that thread's first parallel kernel; the caller waits for the pool's workers.
+    ``fork()`` copies only the forking thread, so in the child that thread's pool has workers that
+    do not exist, and its next kernel would wait for them forever. The pool cannot be rebuilt from
+    outside (TVM's reset joins the missing workers), but any other thread gets a new pool of its
+    own. So, in a child, :meth:`guard` sends the forking thread's kernel calls to one thread
+    started in the child, which runs them on a fresh pool; other threads call as usual.
+
+    In the child TVM_NUM_THREADS follows torch.get_num_threads() as read at the child's first
+    kernel call (torch runs one thread in a DataLoader worker), unless the user set it; with one
+    thread TVM runs kernels on the calling thread, without a pool, and none is started. The parent
+    is not affected.
+    """
+
+    def __init__(self) -> None:
+        self.runtime_loaded = False  # in this process, or in the parent before the fork
+        self.threads_follow_torch = False  # TVM_NUM_THREADS was set by load_tvm_runtime
+        self._forked_thread: int | None = None  # the thread whose pool lost its workers
+        self._resync_threads = False
+        self._runner: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+        self._runner = None  # its thread, if any, stayed in the parent
+        if self.runtime_loaded:
+            self._forked_thread = threading.get_ident()
+            self._resync_threads = self.threads_follow_torch
+
+    def guard(self, fn):
+        """``fn`` (a CPU kernel), or a stand-in that runs it where it cannot hang."""
+        if self._forked_thread is None:  # not a child of a process that had loaded TVM
+            return fn
+        with self._lock:
+            if self._resync_threads:
+                self._resync_threads = False
+                os.environ[THREADS_ENV] = str(torch.get_num_threads())
+        if threading.get_ident() != self._forked_thread or self.threads() == 1:
+            return fn
+        return functools.partial(self._run, fn)
+
+    def threads(self) -> int:
+        """The threads a TVM CPU kernel uses now (TVM reads TVM_NUM_THREADS at each call)."""
+        try:
+            return tvm_num_threads() or 1
+        except ValueError:
+            return 1  # TVM's atoi reads it as 0, and runs on the calling thread
+
+    def _run(self, fn, *args):
+        with self._lock:
+            if self._runner is None:
+                self._runner = ThreadPoolExecutor(1, thread_name_prefix="longformer_tvm-forked")
+            runner = self._runner
+        return runner.submit(fn, *args).result()
+
+
+#: The one owner of the state above (per process: fork() gives the child its copy).
+AFTER_FORK = ForkedThreadPool()
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=AFTER_FORK.after_fork_in_child)

@@ -29,9 +29,11 @@ that lock, so a library being replaced is never mistaken for a corrupt one.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 import filelock
@@ -150,6 +152,21 @@ def label(key: Key) -> str:
     return "/".join(part for part in (key[0], key[2], key[1]) if part)
 
 
+#: Every Registry, so that a child made by fork() gets each one's lock unheld.
+_LIVE: weakref.WeakSet[Registry] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # a lock another thread held at fork time (loading or building a library) is never released
+    # in the child, where that thread does not exist
+    for registry in list(_LIVE):
+        registry._lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Registry:
     """The one owner of loaded libraries and of the library chosen per key, for every backend in
     its table; ``clear()`` forgets all of them.
@@ -163,6 +180,7 @@ class Registry:
         self.backends = backends
         self._prebuilt, self._compiler = prebuilt_dirs, compiler
         self._lock = threading.RLock()
+        _LIVE.add(self)
         self._modules: dict[Path, object] = {}
         self._chosen: dict[Key, tuple[LibraryEntry, dict]] = {}
         self._build_attempted: set[Key] = set()

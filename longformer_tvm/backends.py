@@ -54,8 +54,10 @@ def kernel_for(product: str, t: torch.Tensor):
         return None
     device = t.device
     dtype = _DTYPE_NAMES.get(t.dtype) or str(t.dtype).removeprefix("torch.")
-    k = ("cpu", dtype, "") if device.type == "cpu" else REGISTRY.backend(device.type).key(device, dtype)
-    return REGISTRY.functions(k)[product]
+    if device.type == "cpu":
+        # in a child made by fork(), a call from the forking thread would hang in TVM's thread pool
+        return _install.AFTER_FORK.guard(REGISTRY.functions(("cpu", dtype, ""))[product])
+    return REGISTRY.functions(REGISTRY.backend(device.type).key(device, dtype))[product]
 
 
 def functions(device: str | torch.device, dtype: str | torch.dtype) -> dict:
