@@ -8,6 +8,9 @@ differentiation.
     pv(p, v)   -> o      do: dp = qk(do, v, pad=0), dv = tpv(p, do)
     tpv(g, x)  -> o      do: dg = qk(x, do, pad=0), dx = pv(g, do)
 
+Forward mode (``torch.func.jvp``) is registered too: each product is bilinear, so its tangent is
+two products of the same kind (see ``_register_forward_ad``).
+
 Outputs are allocated here and passed to the kernels, which never allocate them. Per-head
 dilation runs one kernel call per maximal run of heads with equal dilation, on strided views.
 """
@@ -182,6 +185,50 @@ def _tpv_backward(ctx, grad):
 band_qk.register_autograd(_qk_backward, setup_context=_setup)
 band_pv.register_autograd(_pv_backward, setup_context=_setup)
 band_tpv.register_autograd(_tpv_backward, setup_context=_setup)
+
+
+# Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp). register_autograd covers reverse
+# mode only: the autograd kernel it generates runs an input that carries a tangent like any other
+# and returns an output without one, which jvp reads as a zero tangent. So each op's autograd
+# kernel is that generated one behind a wrapper that adds the tangent. The products are bilinear,
+#
+#     d qk(q, k)  = qk(dq, k, pad=0) + qk(q, dk, pad=0)   (the padding is a constant: tangent 0)
+#     d pv(p, v)  = pv(dp, v) + pv(p, dv)
+#     d tpv(g, x) = tpv(dg, x) + tpv(g, dx)
+#
+# with a missing tangent's term left out. The terms are the ops themselves, so they run the
+# kernels and carry both modes further (jvp of jvp, backward through a tangent).
+def _with_tangent(op, reverse, zero_padding: bool):
+    def kernel(keyset, a, b, *rest):
+        (a, da), (b, db) = fwAD.unpack_dual(a), fwAD.unpack_dual(b)
+        out = reverse(keyset, a, b, *rest)
+        if da is None and db is None:
+            return out
+        spec = (*rest[:-1], 0.0) if zero_padding else rest
+        terms = [op(da, b, *spec)] if da is not None else []
+        terms += [op(a, db, *spec)] if db is not None else []
+        return fwAD.make_dual(out, terms[0] if len(terms) == 1 else terms[0] + terms[1])
+
+    return kernel
+
+
+def _register_forward_ad(lib: torch.library.Library) -> None:
+    try:  # the autograd kernel that register_autograd installs (torch >= 2.4)
+        from torch._library.autograd import make_autograd_impl
+    except ImportError:
+        logger.warning("this torch lacks torch._library.autograd.make_autograd_impl: forward-mode "
+                       "AD (torch.func.jvp) through the band products gives no tangent")
+        return
+    with warnings.catch_warnings():  # it replaces register_autograd's kernel, on purpose
+        warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+        for name, op, zero_padding in (("band_qk", band_qk, True), ("band_pv", band_pv, False),
+                                       ("band_tpv", band_tpv, False)):
+            reverse = make_autograd_impl(getattr(torch.ops.longformer_tvm, name).default, op)
+            lib.impl(name, _with_tangent(op, reverse, zero_padding), "Autograd", with_keyset=True)
+
+
+_FORWARD_AD = torch.library.Library(_LIB, "IMPL")
+_register_forward_ad(_FORWARD_AD)
 
 # Exporters (torch.onnx.export with dynamo=True) see each op as standard operators, at any N.
 _decompose.register(_LIB)
