@@ -11,7 +11,8 @@ global rows`` through the same helpers and differ only in the softmax:
   band, so no concatenated copy exists and one (B, N, H, C) tensor is alive. Padding rows are
   zeroed in the (B, N, H, D) output, not in the probabilities.
 * :func:`attend_autograd`: transformers' order -- concatenate, float32 softmax, zero padding rows,
-  cast, dropout.
+  cast, dropout. Also the path while ``torch.compile`` traces the layer (with or without
+  autograd): the in-place softmax writes over a graph input and branches on the data.
 
 ``layer`` is the :class:`~longformer_tvm.attention.LongformerSelfAttention` being run: its six
 projections, ``band``, ``num_heads``, ``head_dim``, ``embed_dim``, ``dropout`` and ``training``.
@@ -28,16 +29,17 @@ from torch import nn
 
 from . import functional
 from ._checks import Band
-from ._masks import GlobalIndex, TokenMasks, mask_global_rows_, remove_keys_
+from ._masks import GlobalIndex, TokenMasks, compiling, fill_, mask_global_rows_, remove_keys_
 from ._softmax import softmax_dropout, softmax_inplace
 
 Result = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
 def inference_ok(layer: nn.Module, x: torch.Tensor) -> bool:
-    """No autograd, a softmax dtype equal to x's, and no dropout: scores may be overwritten."""
+    """No autograd, a softmax dtype equal to x's, no dropout, and eager (not torch.compile):
+    scores may be overwritten."""
     return (not torch.is_grad_enabled() and x.dtype in (torch.float32, torch.float64)
-            and not (layer.training and layer.dropout > 0))
+            and not (layer.training and layer.dropout > 0) and not compiling())
 
 
 def attend_inference(layer: nn.Module, x: torch.Tensor, masks: TokenMasks,
@@ -112,7 +114,7 @@ def local_scores(q: torch.Tensor, k: torch.Tensor, band: Band, masks: TokenMasks
         return scores, None
     k_glob = glob.gather(k)  # (B, G, H, D): the global tokens' *local* keys
     g_scores = torch.einsum("bnhd,bghd->bnhg", q, k_glob)
-    g_scores.masked_fill_(glob.key_mask(q.shape[1], band.autoregressive).unsqueeze(2), neg)
+    g_scores = fill_(g_scores, glob.key_mask(q.shape[1], band.autoregressive).unsqueeze(2), neg)
     return scores, g_scores
 
 
@@ -141,8 +143,7 @@ def with_global_rows(layer: nn.Module, x: torch.Tensor, out: torch.Tensor,
     if glob is None:
         return out, None
     g_out, global_probs = global_rows(layer, x, glob, masks.padding)
-    out.index_put_(glob.nonzero_positions(), g_out[glob.nonzero_slots()])
-    return out, global_probs
+    return glob.put_rows_(out, g_out), global_probs
 
 
 def hide_global_rows(probs: torch.Tensor, masks: TokenMasks) -> torch.Tensor:
@@ -175,7 +176,7 @@ def global_rows(layer: nn.Module, x: torch.Tensor, glob: GlobalIndex,
     else:
         kg = layer.key_global(x).view(bsz, n, heads, hd)
         scores = torch.einsum("bghd,bnhd->bhgn", qg, kg)  # (B, H, G, N)
-    mask_global_rows_(scores, glob, padding, layer.band.autoregressive, torch.finfo(x.dtype).min)
+    scores = mask_global_rows_(scores, glob, padding, layer.band.autoregressive, torch.finfo(x.dtype).min)
     probs = softmax_dropout(scores, x.dtype, layer.dropout, layer.training)
     if folded:
         out = _folded_value_context(layer, probs, x)

@@ -39,7 +39,7 @@ from torch import nn
 
 from ._attend import attend_autograd, attend_inference, inference_ok
 from ._checks import Band, normalize_band
-from ._masks import TokenMasks
+from ._masks import TokenMasks, compiling
 
 logger = logging.getLogger("longformer_tvm")
 
@@ -207,13 +207,19 @@ class LongformerSelfAttention(nn.Module):
 
         ``is_global`` must be False wherever ``is_masked`` is True. (transformers passes exactly
         these as ``is_index_masked`` / ``is_index_global_attn``.) Without autograd and dropout the
-        softmax runs in place (:func:`~longformer_tvm._attend.attend_inference`), else in
-        transformers' order (:func:`~longformer_tvm._attend.attend_autograd`); both give the same
-        numbers.
+        softmax runs in place (:func:`~longformer_tvm._attend.attend_inference`), else -- and
+        always under ``torch.compile`` -- in transformers' order
+        (:func:`~longformer_tvm._attend.attend_autograd`); both give the same numbers.
         """
-        masks = TokenMasks.build(is_masked, is_global)
+        count = None
+        if compiling() and is_global is not None:
+            # G, the largest number of global tokens of a sample, is a size read from the data:
+            # under torch.compile the one graph break (read here, not deeper, it splits fewer frames)
+            count = int(is_global.sum(dim=1).max())
+        masks = TokenMasks.build(is_masked, is_global, count)
         inference = inference_ok(self, hidden_states)
-        if logger.isEnabledFor(logging.DEBUG):
+        # Dynamo cannot trace a Logger call (a graph break), so nothing is logged while compiling.
+        if not compiling() and logger.isEnabledFor(logging.DEBUG):
             bsz, n, _ = hidden_states.shape
             logger.debug("%s: B=%d N=%d H=%d C=%d G=%d padding=%s %s softmax", _NAME, bsz, n,
                          self.num_heads, self.band.columns, 0 if masks.glob is None else masks.glob.count,
