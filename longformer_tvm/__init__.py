@@ -11,13 +11,15 @@ from ._errors import KernelIntegrityError, KernelNotAvailableError
 from ._pool import empty_cache
 from .backends import backend_info
 from .attention import AttentionOutput, LongformerSelfAttention
-from .functional import diagonaled_mm, sliding_window_pv, sliding_window_pv_transposed, sliding_window_qk
+from .functional import (diagonaled_mm, sliding_window_attention, sliding_window_pv,
+                         sliding_window_pv_transposed, sliding_window_qk)
 
 # LONGFORMER_TVM_LOG_LEVEL, and a warning for a bad LONGFORMER_TVM_BACKEND (never an error here)
 _install.apply_import_settings()
 
 __all__ = [
     "diagonaled_mm",
+    "sliding_window_attention",
     "sliding_window_qk",
     "sliding_window_pv",
     "sliding_window_pv_transposed",

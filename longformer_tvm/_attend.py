@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from . import functional
+from . import _fused, functional
 from ._checks import Band
 from ._masks import GlobalIndex, TokenMasks, compiling, fill_, mask_global_rows_, remove_keys_
 from ._softmax import softmax_dropout, softmax_inplace
@@ -81,6 +81,41 @@ def attend_autograd(layer: nn.Module, x: torch.Tensor, masks: TokenMasks,
     if not output_attentions:
         return out, None, None
     return out, hide_global_rows(probs, masks), global_probs
+
+
+def fused_ok(layer: nn.Module, x: torch.Tensor, output_attentions: bool) -> bool:
+    """No probabilities asked for, no dropout in training, and a fused kernel for x's device and
+    dtype (:mod:`longformer_tvm._fused`)."""
+    return (not output_attentions and not (layer.training and layer.dropout > 0)
+            and _fused.served(x.device.type, x.dtype))
+
+
+def attend_fused(layer: nn.Module, x: torch.Tensor, masks: TokenMasks,
+                 output_attentions: bool) -> Result:
+    """The layer on x (B, N, E) with one fused kernel for the band (no (B, N, H, C) tensor).
+
+    Padding and global keys leave the band (the kernel's key mask); the global columns are a
+    second softmax over the sample's global keys, merged with the band's by their log-sum-exps.
+    """
+    band = layer.band
+    q, k, v = project_local(layer, x)
+    out, lse = _fused.attention(q, k, v, band, 1.0, masks.removed_keys())
+    glob = masks.glob
+    if glob is not None:
+        neg = torch.finfo(x.dtype).min
+        g_scores = torch.einsum("bnhd,bghd->bnhg", q, glob.gather(k)).to(lse.dtype)
+        g_scores = fill_(g_scores, glob.key_mask(q.shape[1], band.autoregressive).unsqueeze(2), neg)
+        g_lse = torch.logsumexp(g_scores, dim=-1)  # finite: masked slots are `neg`, not -inf
+        g_out = torch.einsum("bnhg,bghd->bnhd", torch.exp(g_scores - g_lse.unsqueeze(-1)).to(x.dtype),
+                             glob.gather(v))
+        total = torch.logaddexp(lse, g_lse)
+        out = (torch.exp(lse - total).unsqueeze(-1).to(x.dtype) * out
+               + torch.exp(g_lse - total).unsqueeze(-1).to(x.dtype) * g_out)
+    rows_off = masks.padding_rows()
+    if rows_off is not None:
+        out = out.masked_fill(rows_off, 0.0)
+    out, _ = with_global_rows(layer, x, out, masks)
+    return out, None, None
 
 
 # ---- steps both paths take ---------------------------------------------------------------------

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ._attend import attend_autograd, attend_inference, inference_ok
+from ._attend import attend_autograd, attend_fused, attend_inference, fused_ok, inference_ok
 from ._checks import Band, normalize_band
 from ._masks import TokenMasks, compiling
 
@@ -206,10 +206,13 @@ class LongformerSelfAttention(nn.Module):
         """The layer on already-normalised masks: ``is_masked``/``is_global`` (B, N) bool or None.
 
         ``is_global`` must be False wherever ``is_masked`` is True. (transformers passes exactly
-        these as ``is_index_masked`` / ``is_index_global_attn``.) Without autograd and dropout the
-        softmax runs in place (:func:`~longformer_tvm._attend.attend_inference`), else -- and
-        always under ``torch.compile`` -- in transformers' order
-        (:func:`~longformer_tvm._attend.attend_autograd`); both give the same numbers.
+        these as ``is_index_masked`` / ``is_index_global_attn``.) Where a fused kernel serves the
+        input's device and dtype and no probabilities are asked for (nor dropout in training),
+        one kernel computes the band (:func:`~longformer_tvm._attend.attend_fused`). Otherwise,
+        without autograd and dropout the softmax runs in place
+        (:func:`~longformer_tvm._attend.attend_inference`), else -- and always under
+        ``torch.compile`` -- in transformers' order (:func:`~longformer_tvm._attend.attend_autograd`);
+        all give the same numbers up to rounding.
         """
         count = None
         if compiling() and is_global is not None:
@@ -217,12 +220,13 @@ class LongformerSelfAttention(nn.Module):
             # under torch.compile the one graph break (read here, not deeper, it splits fewer frames)
             count = int(is_global.sum(dim=1).max())
         masks = TokenMasks.build(is_masked, is_global, count)
+        fused = fused_ok(self, hidden_states, output_attentions)
         inference = inference_ok(self, hidden_states)
+        path = attend_fused if fused else attend_inference if inference else attend_autograd
         # Dynamo cannot trace a Logger call (a graph break), so nothing is logged while compiling.
         if not compiling() and logger.isEnabledFor(logging.DEBUG):
             bsz, n, _ = hidden_states.shape
-            logger.debug("%s: B=%d N=%d H=%d C=%d G=%d padding=%s %s softmax", _NAME, bsz, n,
+            logger.debug("%s: B=%d N=%d H=%d C=%d G=%d padding=%s %s", _NAME, bsz, n,
                          self.num_heads, self.band.columns, 0 if masks.glob is None else masks.glob.count,
-                         masks.padding is not None, "in-place" if inference else "autograd")
-        path = attend_inference if inference else attend_autograd
+                         masks.padding is not None, path.__name__)
         return AttentionOutput(*path(self, hidden_states, masks, output_attentions))

@@ -23,12 +23,15 @@ choice for non-contiguous input). Outputs are new contiguous tensors.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from . import ops
+from . import _fused, ops
 from ._checks import Band, check_banded, check_pair, normalize_band
 
-__all__ = ["diagonaled_mm", "sliding_window_qk", "sliding_window_pv", "sliding_window_pv_transposed"]
+__all__ = ["diagonaled_mm", "sliding_window_attention", "sliding_window_qk", "sliding_window_pv",
+           "sliding_window_pv_transposed"]
 
 
 def _spec(band: Band) -> tuple[int, int, list[int]]:
@@ -123,3 +126,48 @@ def diagonaled_mm(t1: torch.Tensor, t2: torch.Tensor, w: int, d, is_t1_diagonale
                              f"with is_t1_diagonaled=True it must be 0, got {padding=}")
         return sliding_window_pv(t1, t2, w, d, autoregressive)
     return sliding_window_qk(t1, t2, w, d, autoregressive, padding)
+
+
+def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                             dilation=1, autoregressive: bool = False, scale: float | None = None,
+                             key_mask: torch.Tensor | None = None, return_lse: bool = False):
+    """Attention of each query over the keys of its band: ``softmax(scale * q . k) . v``.
+
+    The band is :func:`sliding_window_qk`'s (per-head dilation; keys at or before the query when
+    autoregressive). Keys outside the sequence and keys flagged in ``key_mask`` are excluded from
+    every row; a row with no key left outputs 0 (and its LSE is -inf). On CPU in float32/float64
+    one fused kernel computes it without the (B, N, H, C) scores, forward and backward; elsewhere
+    the band products do (see :mod:`longformer_tvm._fused`).
+
+    Args:
+        q, k, v: (B, N, H, D), same dtype and device.
+        window, dilation, autoregressive: as for :func:`sliding_window_qk`.
+        scale: multiplies the scores; default ``1 / sqrt(D)``.
+        key_mask: (B, N) bool, True = the key is excluded (padding), or None.
+        return_lse: also return the log-sum-exp of each row's scaled scores.
+
+    Returns:
+        out (B, N, H, D), or ``(out, lse)`` with lse (B, N, H) float32 (float64 for float64
+        inputs). Gradients flow to q, k and v from both.
+    """
+    op = "sliding_window_attention"
+    check_pair(op, ("q", "k"), q, k, last_equal=True)
+    check_pair(op, ("k", "v"), k, v, last_equal=True)
+    band = normalize_band(op, window, dilation, autoregressive, q.shape[2])
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[3]) if q.shape[3] else 1.0
+    scale = _as_float(op, "scale", scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be finite, got {scale=}")
+    if key_mask is not None:
+        if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
+            raise TypeError(f"{op}: key_mask must be a bool tensor of shape (batch, seq_len) "
+                            f"(True = excluded) or None, got {type(key_mask).__name__}"
+                            f"{'' if not isinstance(key_mask, torch.Tensor) else f' of dtype {key_mask.dtype}'}")
+        if tuple(key_mask.shape) != tuple(q.shape[:2]) or key_mask.device != q.device:
+            raise ValueError(f"{op}: key_mask must have shape (batch, seq_len)={tuple(q.shape[:2])} "
+                             f"on {q.device}, got shape {tuple(key_mask.shape)} on {key_mask.device}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"{op}: return_lse must be a bool, got {return_lse!r}")
+    out, lse = _fused.attention(q, k, v, band, scale, key_mask)
+    return (out, lse) if return_lse else out

@@ -13,6 +13,9 @@
     with tvm_attention(model):        # or scoped
         out = model(input_ids)
 
+LED (``LEDModel``, ``LEDForConditionalGeneration``) swaps the same way: its encoder's
+``longformer_self_attn`` is Longformer's self-attention under another name.
+
 The swap replaces each ``LongformerAttention.self`` (transformers' ``LongformerSelfAttention``) by
 :class:`HFLongformerSelfAttention`, which holds the *same* ``query``/``key``/``value`` and
 ``query_global``/``key_global``/``value_global`` ``nn.Linear`` modules under the same names: the
@@ -49,12 +52,20 @@ __all__ = ["HFLongformerSelfAttention", "use_tvm_attention", "restore_hf_attenti
 _ORIGINAL = "_hf_original"
 
 
-def _hf_class():
+def _hf_classes() -> tuple[type, ...]:
+    """transformers' Longformer self-attention classes: Longformer's and LED's encoder's (a copy
+    of it with the same projections, masks and call)."""
     try:
         from transformers.models.longformer import modeling_longformer
     except ImportError as exc:
         raise ImportError("longformer_tvm.hf needs transformers: pip install longformer-tvm[hf]") from exc
-    return modeling_longformer.LongformerSelfAttention
+    classes = [modeling_longformer.LongformerSelfAttention]
+    try:
+        from transformers.models.led import modeling_led
+        classes.append(modeling_led.LEDEncoderSelfAttention)
+    except (ImportError, AttributeError):  # a transformers without LED: Longformer only
+        pass
+    return tuple(classes)
 
 
 class HFLongformerSelfAttention(LongformerSelfAttention):
@@ -73,11 +84,12 @@ class HFLongformerSelfAttention(LongformerSelfAttention):
 
     @classmethod
     def from_hf(cls, module: nn.Module) -> HFLongformerSelfAttention:
-        """Wrap a transformers ``LongformerSelfAttention``, sharing its projection modules."""
-        hf_cls = _hf_class()
-        if not isinstance(module, hf_cls):
+        """Wrap a transformers ``LongformerSelfAttention`` (or LED's ``LEDEncoderSelfAttention``),
+        sharing its projection modules."""
+        if not isinstance(module, _hf_classes()):
             raise TypeError(f"HFLongformerSelfAttention.from_hf: module must be a transformers "
-                            f"LongformerSelfAttention, got {type(module).__name__}")
+                            f"LongformerSelfAttention or LEDEncoderSelfAttention, got "
+                            f"{type(module).__name__}")
         ours = cls.from_projections(
             module.query, module.key, module.value, module.query_global, module.key_global,
             module.value_global, num_heads=module.num_heads, window=module.one_sided_attn_window_size,
@@ -137,8 +149,10 @@ def _check_model(fn: str, model) -> None:
 def use_tvm_attention(model: nn.Module) -> nn.Module:
     """Swap every transformers Longformer self-attention inside ``model`` for ours, in place.
 
-    Works on ``LongformerModel`` and every ``LongformerFor*`` model (any module tree holding
-    transformers' ``LongformerSelfAttention``). Parameters are shared, not copied; training mode
+    Works on ``LongformerModel`` and every ``LongformerFor*`` model, and on ``LEDModel`` /
+    ``LEDForConditionalGeneration`` (any module tree holding transformers'
+    ``LongformerSelfAttention`` or LED's ``LEDEncoderSelfAttention``: the encoder's self-attention;
+    LED's decoder attention is dense and stays transformers'). Parameters are shared, not copied; training mode
     and dropout carry over. Layers already swapped are left alone. Returns ``model``.
 
     Raises:
@@ -151,11 +165,11 @@ def use_tvm_attention(model: nn.Module) -> nn.Module:
 
 def _swap(model: nn.Module) -> list[tuple[nn.Module, str]]:
     _check_model("use_tvm_attention", model)
-    hf_cls = _hf_class()
-    todo = list(_swappable(model, hf_cls))
+    todo = list(_swappable(model, _hf_classes()))
     if not todo and not is_tvm_attention(model):
         raise ValueError(f"use_tvm_attention: {type(model).__name__} contains no transformers "
-                         "LongformerSelfAttention; pass a LongformerModel or LongformerFor* model")
+                         "LongformerSelfAttention (nor LED's LEDEncoderSelfAttention); pass a "
+                         "LongformerModel, LongformerFor*, LEDModel or LEDFor* model")
     for parent, name, child in todo:
         setattr(parent, name, HFLongformerSelfAttention.from_hf(child))
     logger.info("use_tvm_attention: swapped %d self-attention layer(s) of %s", len(todo),

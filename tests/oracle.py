@@ -47,3 +47,22 @@ def assert_close_to_oracle(got: torch.Tensor, want64: torch.Tensor, plain: torch
     base = (plain[finite] - want64[finite]).abs().max().item()
     tol = factor * base + 1e-12 * (1 + want64[finite].abs().max().item())
     assert err <= tol, f"{what}: max error {err:.3e} > tolerance {tol:.3e} (plain torch {base:.3e})"
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: Band, scale: float,
+                    key_mask: torch.Tensor | None = None, dtype=torch.float64):
+    """Sliding-window attention as a dense (N, N) softmax under the band mask: (out, lse) in
+    ``dtype``. Excluded keys (outside the band or the sequence, or flagged in key_mask (B, N))
+    get -inf; a row with none left gives out 0 and lse -inf."""
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    allowed = reference.band_mask(q.shape[1], band).unsqueeze(0)  # (1, H, N, N)
+    if key_mask is not None:
+        allowed = allowed & ~key_mask[:, None, None, :]
+        v = v.masked_fill(key_mask[:, :, None, None], 0.0)  # never met, not even times 0
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, N)
+    empty = ~allowed.any(dim=-1)
+    probs = torch.exp(scores - lse.masked_fill(empty, 0.0).unsqueeze(-1))
+    out = torch.einsum("bhij,bjhd->bihd", probs, v)
+    return out, lse.masked_fill(empty.expand_as(lse), float("-inf")).permute(0, 2, 1)

@@ -87,13 +87,16 @@ def assert_grads_close(ours: dict, theirs: dict, rtol: float = 1e-4):
     to the scale of the matching weight's gradient instead.
     """
     assert set(ours) == set(theirs)
+    # a gradient that is exactly 0 on one side (q at N=1: one key, softmax 1) is rounding noise
+    # on the other: held to float32's epsilon times the largest gradient
+    floor = 1e-7 * max(g.abs().max().item() for g in theirs.values())
     for name, ref in theirs.items():
         scale_name = name
-        if name.endswith(("attention.self.key.bias", "attention.self.key_global.bias")):
+        if name.endswith((".key.bias", ".key_global.bias", ".k_proj.bias")):  # (LED's too)
             scale_name = name[: -len("bias")] + "weight"
         scale = theirs[scale_name].abs().max().item()
         err = (ours[name] - ref).abs().max().item()
-        assert err <= rtol * scale, f"{name}: {err:.3g} > {rtol} * {scale:.3g}"
+        assert err <= max(rtol * scale, floor), f"{name}: {err:.3g} > {rtol} * {scale:.3g}"
 
 
 @pytest.mark.parametrize("n", LENGTHS, ids=lambda n: f"n{n}")

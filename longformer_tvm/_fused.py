@@ -1,0 +1,192 @@
+"""Sliding-window attention as one custom op: softmax(scale * q.k over the band) . v, with its LSE.
+
+    attention(q, k, v, key_mask) -> out (B, N, H, D), lse (B, N, H)
+    backward: dq, dk, dv from dout and dlse, recomputing the probabilities from the LSE
+
+Where the device's library holds the fused kernels (``band_attention`` and
+``band_attention_backward``, CPU: ``tvm_kernels/cpu/attention*.py``) no (B, N, H, C) tensor
+exists, forward or backward. Elsewhere (CUDA today, LONGFORMER_TVM_BACKEND=reference, a library
+without them) the op runs the same definition through the band products
+(:func:`composite`): band scores, masked softmax, band PV -- the (N, C) scores exist there, and
+the backward recomputes them.
+
+The op is opaque to ``torch.compile`` (a fake implementation gives the shapes) and carries
+reverse-mode autograd (q, k, v, through ``out`` and ``lse``). The LSE is float32 (float64 for
+float64 inputs); a row with no valid key gives out 0 and lse -inf. Keys outside the sequence and
+keys flagged in ``key_mask`` (B, N) bool are excluded from every row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import backends, ops
+from ._checks import Band
+from ._masks import band_key_mask
+
+_LIB = "longformer_tvm"
+#: The compiled functions' symbols (tvm_kernels/cpu/attention.py).
+FORWARD, BACKWARD = "attention", "attention_backward"
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _kernel(product: str, t: torch.Tensor):
+    """The compiled fused function for t's device and dtype, or None (use the composite)."""
+    if t.device.type != "cpu":
+        return None
+    try:
+        return backends.kernel_for(product, t)
+    except KeyError:  # a library built before the fused kernels existed
+        return None
+
+
+@torch.compiler.assume_constant_result
+def served(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether the fused kernels serve this device type and dtype (else the composite would)."""
+    if device_type != "cpu" or dtype not in (torch.float32, torch.float64):
+        return False
+    try:
+        return _kernel(FORWARD, torch.empty(0, dtype=dtype)) is not None
+    except Exception:  # no library at all: the unfused path explains that at its own call
+        return False
+
+
+# ---- the definition through the band products ----------------------------------------------
+def composite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+              band: Band, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's definition in band products (differentiable): (out, lse)."""
+    left, right, dil = band.left, band.right, list(band.dilation)
+    scores = ops.band_qk(q, k, left, right, dil, float("-inf"))
+    scores = scores.to(lse_dtype(q.dtype)) * scale
+    if key_mask is not None:
+        scores = scores.masked_fill(band_key_mask(key_mask, band), float("-inf"))
+        # an excluded key's value never meets a row, not even times its zero probability
+        v = v.masked_fill(key_mask[:, :, None, None], 0.0)
+    # a row with no valid key (all -inf) is given 0 scores for the LSE, so no -inf - -inf (NaN)
+    # appears forward or backward; its probabilities are exp(-inf) = 0 and its LSE -inf
+    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    lse = torch.logsumexp(scores.masked_fill(empty, 0.0), dim=-1, keepdim=True)
+    probs = torch.exp(scores - lse)
+    out = ops.band_pv(probs.to(q.dtype), v, left, right, dil)
+    return out, lse.masked_fill(empty, float("-inf")).squeeze(-1)
+
+
+def composite_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       key_mask: torch.Tensor | None, lse: torch.Tensor, delta: torch.Tensor,
+                       band: Band, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv in band products, the probabilities recomputed from the LSE (the fused
+    kernel's formulas): P = exp(scale * S - lse), dS = P * (dO . V - delta),
+    dq = scale * dS K, dk = scale * dS^T Q, dv = P^T dO."""
+    left, right, dil = band.left, band.right, list(band.dilation)
+    scores = ops.band_qk(q, k, left, right, dil, float("-inf")).to(lse.dtype) * scale
+    if key_mask is not None:
+        scores = scores.masked_fill(band_key_mask(key_mask, band), float("-inf"))
+    probs = torch.exp(scores - lse.masked_fill(torch.isneginf(lse), 0.0).unsqueeze(-1))
+    del scores
+    dp = ops.band_qk(dout, v, left, right, dil, 0.0).to(lse.dtype)
+    ds = (probs * (dp - delta.unsqueeze(-1))).to(q.dtype)
+    del dp
+    dq = ops.band_pv(ds, k, left, right, dil) * scale
+    dk = ops.band_tpv(ds, q, left, right, dil) * scale
+    dv = ops.band_tpv(probs.to(q.dtype), dout, left, right, dil)
+    return dq, dk, dv
+
+
+def _band(left: int, right: int, dilation: list[int]) -> Band:
+    return Band(left=left, right=right, dilation=tuple(dilation))
+
+
+def _mask_arg(key_mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    """The kernels' key mask: (B, N) uint8, 1 = excluded (zeros where none is given)."""
+    if key_mask is None:
+        return torch.zeros(q.shape[:2], dtype=torch.uint8, device=q.device)
+    return key_mask.to(torch.uint8).contiguous()
+
+
+def _runs(band: Band, n: int):
+    for h0, h1, d in band.head_runs():
+        yield h0, h1, min(d, n)  # beyond N every off-centre key is outside the sequence
+
+
+# ---- the ops -------------------------------------------------------------------------------
+@torch.library.custom_op(f"{_LIB}::band_attention", mutates_args=())
+def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                   left: int, right: int, dilation: list[int],
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    band = _band(left, right, dilation)
+    kernel = _kernel(FORWARD, q)
+    if kernel is None or q.numel() == 0:
+        out, lse = composite(q, k, v, key_mask, band, scale)
+        return out.contiguous(), lse.contiguous()
+    q, k, v = ops._prepare(q), ops._prepare(k), ops._prepare(v)
+    out = torch.empty(v.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=lse_dtype(q.dtype), device=q.device)
+    mask = _mask_arg(key_mask, q)
+    for h0, h1, d in _runs(band, q.shape[1]):
+        heads = slice(h0, h1)
+        kernel(q[:, :, heads], k[:, :, heads], v[:, :, heads], mask, out[:, :, heads],
+               lse[:, :, heads], left, right, d, scale)
+    return out, lse
+
+
+@band_attention.register_fake
+def _(q, k, v, key_mask, left, right, dilation, scale):
+    return v.new_empty(v.shape), q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
+
+
+@torch.library.custom_op(f"{_LIB}::band_attention_backward", mutates_args=())
+def band_attention_backward(dout: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor,
+                            k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                            out: torch.Tensor, lse: torch.Tensor, left: int, right: int,
+                            dilation: list[int], scale: float
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    band = _band(left, right, dilation)
+    kernel = _kernel(BACKWARD, q)
+    # D_i = rowsum(dO * O) - dlse_i: the LSE's gradient enters the backward as a shift of D
+    delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1) - dlse.to(lse.dtype)
+    delta = delta.masked_fill(torch.isneginf(lse), 0.0).contiguous()
+    if kernel is None or q.numel() == 0:
+        return composite_backward(dout, q, k, v, key_mask, lse, delta, band, scale)
+    q, k, v, dout = (ops._prepare(t) for t in (q, k, v, dout))
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    mask = _mask_arg(key_mask, q)
+    for h0, h1, d in _runs(band, q.shape[1]):
+        heads = slice(h0, h1)
+        kernel(q[:, :, heads], k[:, :, heads], v[:, :, heads], mask, dout[:, :, heads],
+               lse[:, :, heads], delta[:, :, heads], dq[:, :, heads], dk[:, :, heads],
+               dv[:, :, heads], left, right, d, scale)
+    return dq, dk, dv
+
+
+@band_attention_backward.register_fake
+def _(dout, dlse, q, k, v, key_mask, out, lse, left, right, dilation, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, key_mask, left, right, dilation, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, key_mask, out, lse)
+    ctx.spec = (left, right, dilation, scale)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, key_mask, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    if dlse is None:
+        dlse = torch.zeros_like(lse)
+    dq, dk, dv = band_attention_backward(dout, dlse, q, k, v, key_mask, out, lse, *ctx.spec)
+    return dq, dk, dv, None, None, None, None, None
+
+
+band_attention.register_autograd(_backward, setup_context=_setup)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: Band, scale: float,
+              key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of checked arguments (see functional.sliding_window_attention)."""
+    return band_attention(q, k, v, key_mask, band.left, band.right, list(band.dilation), float(scale))
