@@ -18,7 +18,10 @@ keys flagged in ``key_mask`` (B, N) bool are excluded from every row.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from . import backends, ops
 from ._checks import Band
@@ -184,6 +187,30 @@ def _backward(ctx, dout, dlse):
 
 
 band_attention.register_autograd(_backward, setup_context=_setup)
+
+
+# Forward-mode AD (torch.func.jvp, forward_ad): where a tangent comes in, the op runs as its
+# composite, whose band products and softmax carry tangents (ops._register_forward_ad) -- and
+# reverse mode through them too. Without this, register_autograd's kernel would drop the tangent.
+def _register_forward_ad(lib: torch.library.Library) -> None:
+    try:
+        from torch._library.autograd import make_autograd_impl
+    except ImportError:
+        return  # ops logs the same limitation once
+    reverse = make_autograd_impl(torch.ops.longformer_tvm.band_attention.default, band_attention)
+
+    def kernel(keyset, q, k, v, key_mask, left, right, dilation, scale):
+        if all(fwAD.unpack_dual(t).tangent is None for t in (q, k, v)):
+            return reverse(keyset, q, k, v, key_mask, left, right, dilation, scale)
+        return composite(q, k, v, key_mask, _band(left, right, dilation), scale)
+
+    with warnings.catch_warnings():  # it replaces register_autograd's kernel, on purpose
+        warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+        lib.impl("band_attention", kernel, "Autograd", with_keyset=True)
+
+
+_FORWARD_AD = torch.library.Library(_LIB, "IMPL")
+_register_forward_ad(_FORWARD_AD)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: Band, scale: float,

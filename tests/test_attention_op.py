@@ -178,3 +178,18 @@ def test_v_of_another_head_size_is_refused():
     q = torch.randn(1, 8, 2, 4)
     with pytest.raises(ValueError, match=r"k and v must have the same last dimension"):
         lt.sliding_window_attention(q, q, torch.randn(1, 8, 2, 5), 2)
+
+
+def test_forward_mode_ad_gives_the_tangent():
+    q, k, v, mask = _inputs((1, 40, 2, 8, 3, (1, 2), False, True), dtype=torch.float64)
+    tq, tk, tv = (torch.randn_like(t) for t in (q, k, v))
+
+    def fn(q, k, v):
+        return lt.sliding_window_attention(q, k, v, 3, (1, 2), key_mask=mask)
+
+    _, got = torch.func.jvp(fn, (q, k, v), (tq, tk, tv))
+    band = normalize_band("t", 3, (1, 2), False, 2)
+    _, want = torch.func.jvp(lambda q, k, v: dense_attention(q, k, v, band, 1 / math.sqrt(8), mask)[0],
+                             (q, k, v), (tq, tk, tv))
+    assert got.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
