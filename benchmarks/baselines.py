@@ -69,10 +69,52 @@ def hf_attention(q, k, v, w):
 
 
 def ours_attention(q, k, v, w):
+    """Ours unfused: band scores, softmax, band PV (the (B, N, H, C) scores in memory)."""
     import longformer_tvm as lt
 
     s = lt.sliding_window_qk(q, k, w, padding_value=float("-inf"))
     return lt.sliding_window_pv(torch.softmax(s, dim=-1), v, w)
+
+
+def ours_fused_attention(q, k, v, w):
+    """Ours fused: sliding_window_attention (one kernel where the library has it)."""
+    import longformer_tvm as lt
+
+    return lt.sliding_window_attention(q, k, v, w, scale=1.0)
+
+
+def fused_served() -> bool:
+    from longformer_tvm import _fused
+
+    return _fused.served("cpu", torch.float32)
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_extra_mib(fn) -> float | None:
+    """Resident memory (MiB) one call of ``fn`` adds at its peak over the RSS before it (Linux:
+    VmHWM after resetting it through /proc/self/clear_refs); None where that cannot be read.
+
+    Memory that an allocator kept from an earlier call is not counted again: call it after the
+    timings, as the benchmarks do, for the working memory of a warm call."""
+    before = _status_kib("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        return None
+    fn()
+    peak = _status_kib("VmHWM")
+    return None if before is None or peak is None else max(peak - before, 0) / 1024
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,4 +1,5 @@
-"""Whole-model benchmark: a base-size LongformerModel forward, transformers' attention vs ours.
+"""Whole-model benchmark: a base-size LongformerModel forward (or, with ``--train``, a training
+step), transformers' attention vs ours.
 
 Each configuration runs in its own subprocess (same random weights, same input), so its peak
 resident memory is its own. Reported per configuration: median and best forward time, peak RSS
@@ -7,6 +8,7 @@ forward's working memory). Then the speed-up and memory ratio of ours over trans
 
     python benchmarks/bench_model.py                      # 12 layers, 4096 tokens, batch 1
     python benchmarks/bench_model.py --layers 2 --repeat 1 --json out.json
+    python benchmarks/bench_model.py --train --paired     # training steps, alternating in one process
 
 The attention FLOPs counted are the band products' (2 * B * N * H * C * D each for qk and pv, plus
 the global rows and columns); the projections and feed-forward layers are the same in both.
@@ -23,18 +25,9 @@ import subprocess
 import sys
 import time
 
+from baselines import _status_kib  # benchmarks/ is on sys.path when run as a script
+
 IMPLS = ("transformers", "longformer_tvm")
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def _reset_peak_rss() -> bool:
@@ -55,8 +48,9 @@ def _model_and_inputs(args):
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     config = LongformerConfig(num_hidden_layers=args.layers, attention_window=args.attention_window,
-                              max_position_embeddings=args.seq_len + 2)
-    model = LongformerModel(config, add_pooling_layer=False).eval()
+                              max_position_embeddings=args.seq_len + 2,
+                              attention_probs_dropout_prob=args.attention_dropout)
+    model = LongformerModel(config, add_pooling_layer=False).train(args.train)
     n, bsz = args.seq_len, args.batch
     g = torch.Generator().manual_seed(args.seed)
     inputs = dict(input_ids=torch.randint(5, config.vocab_size, (bsz, n), generator=g),
@@ -67,6 +61,19 @@ def _model_and_inputs(args):
     return model, inputs, short
 
 
+def _step(model, inputs: dict, train: bool) -> None:
+    """One forward (inference mode), or with --train one training step: forward, then backward
+    of the summed output (no optimizer: the same for both attentions)."""
+    import torch
+
+    if not train:
+        with torch.inference_mode():
+            model(**inputs)
+        return
+    model.zero_grad(set_to_none=True)
+    model(**inputs).last_hidden_state.sum().backward()
+
+
 def paired_worker(args) -> dict:
     """One process, one model: forwards alternate between the two attentions (time only)."""
     import torch
@@ -75,16 +82,15 @@ def paired_worker(args) -> dict:
 
     model, inputs, short = _model_and_inputs(args)
     times = {impl: [] for impl in IMPLS}
-    with torch.inference_mode():
+    for impl in IMPLS:
+        (use_tvm_attention if impl == "longformer_tvm" else restore_hf_attention)(model)
+        _step(model, short, args.train)
+    for _ in range(args.warmup + args.repeat):
         for impl in IMPLS:
             (use_tvm_attention if impl == "longformer_tvm" else restore_hf_attention)(model)
-            model(**short)
-        for _ in range(args.warmup + args.repeat):
-            for impl in IMPLS:
-                (use_tvm_attention if impl == "longformer_tvm" else restore_hf_attention)(model)
-                start = time.perf_counter()
-                model(**inputs)
-                times[impl].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            _step(model, inputs, args.train)
+            times[impl].append(time.perf_counter() - start)
     times = {k: v[args.warmup:] for k, v in times.items()}
     ratios = [a / b for a, b in zip(times["transformers"], times["longformer_tvm"])]
     return dict(times=times, pair_ratios=ratios, median_ratio=statistics.median(ratios))
@@ -102,17 +108,17 @@ def worker(args) -> dict:
         use_tvm_attention(model)
         info["backend"] = longformer_tvm.backend_info()["mode"]
 
-    with torch.inference_mode():
-        model(**short)  # loads kernels, warms the allocator; small, so it does not set the peak
-        for _ in range(args.warmup):
-            model(**inputs)
-        baseline = _status_kib("VmRSS")
-        reset = _reset_peak_rss()
-        times = []
-        for _ in range(args.repeat):
-            start = time.perf_counter()
-            model(**inputs)
-            times.append(time.perf_counter() - start)
+    _step(model, short, args.train)  # loads kernels, warms the allocator; small: not the peak
+    for _ in range(args.warmup):
+        _step(model, inputs, args.train)
+    model.zero_grad(set_to_none=True)
+    baseline = _status_kib("VmRSS")
+    reset = _reset_peak_rss()
+    times = []
+    for _ in range(args.repeat):
+        start = time.perf_counter()
+        _step(model, inputs, args.train)
+        times.append(time.perf_counter() - start)
     peak = _status_kib("VmHWM") if reset else None
     if peak is None:  # no /proc: the lifetime peak, model build included
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -171,6 +177,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="full-length untimed forwards first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train", action="store_true",
+                        help="time training steps (train mode, forward + backward) instead of forwards")
+    parser.add_argument("--attention-dropout", type=float, default=0.0,
+                        help="attention_probs_dropout_prob (pretrained configs: 0.1); in training "
+                             "with dropout > 0 our layer takes its unfused path")
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--paired", action="store_true",
@@ -203,7 +214,9 @@ def main() -> None:
         paired = json.loads(proc.stdout.strip().splitlines()[-1])
 
     print(f"LongformerModel base size: {args.layers} layers, N={args.seq_len}, batch {args.batch}, "
-          f"attention_window {args.attention_window}, {args.globals} global token(s), forward only, "
+          f"attention_window {args.attention_window}, {args.globals} global token(s), "
+          f"{'training step (forward + backward)' if args.train else 'forward only'}, "
+          f"attention dropout {args.attention_dropout}, "
           f"{args.rounds} x {args.repeat} timed run(s)")
     print(f"attention band products: {attention_gflop(args):.1f} GFLOP per forward")
     print(f"{'attention':<16}{'median s':>10}{'best s':>10}{'peak RSS MiB':>14}{'forward MiB':>13}  notes")

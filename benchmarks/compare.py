@@ -6,8 +6,9 @@ For each (N, w) at B=1, H=12, D=64, float32 on the CPU:
   paper's formulation), ``hand`` and the shipped library (``tuned`` when a tuning database
   exists) -- and transformers' sliding chunks, with useful GFLOP/s, the percentage of torch's
   SGEMM throughput measured in the same run, and the speed-up over sliding chunks;
-* the attention core (QK, softmax, PV), forward and forward+backward, for ours, sliding chunks,
-  dense SDPA under the band mask and FlexAttention (compiled, where torch has it).
+* the attention core, forward and forward+backward, with the peak memory one call adds: ours
+  fused (``sliding_window_attention``), ours unfused (QK, softmax, PV), sliding chunks, dense
+  SDPA under the band mask and FlexAttention (compiled, where torch has it; forward only).
 
 Prints a table, writes CSV and (unless ``--no-plot``) a PNG under ``--out``. ``--quick``: one
 shape, shipped library and sliding chunks only (the main job's short comparison).
@@ -99,7 +100,9 @@ class _Progress:
 
 
 def _attention_impls(quick: bool) -> list:
-    impls = [("ours", bl.ours_attention), ("sliding chunks (transformers)", bl.hf_attention),
+    fused = "ours fused (one kernel)" if bl.fused_served() else "ours fused (band products)"
+    impls = [(fused, bl.ours_fused_attention), ("ours (qk, softmax, pv)", bl.ours_attention),
+             ("sliding chunks (transformers)", bl.hf_attention),
              ("dense SDPA + band mask", bl.sdpa_attention)]
     if not quick and bl.flex_available():
         impls.append(("FlexAttention (compiled)", bl.flex_attention))
@@ -146,13 +149,15 @@ def run(quick: bool):
                              base=base.get(product, base["pv"])))
         for label, fn in attention:
             fwd = progress.time(f"{at} attention fwd {label}", lambda: fn(q, k, v, w))
-            rows.append(dict(kind="attention fwd", impl=label, n=n, w=w, secs=fwd))
+            rows.append(dict(kind="attention fwd", impl=label, n=n, w=w, secs=fwd,
+                             peak_mib=bl.peak_extra_mib(lambda: fn(q, k, v, w))))
             if quick or label.startswith("FlexAttention"):  # torch has no Flex backward on CPU
                 continue
             qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-            secs = progress.time(f"{at} attention fwd+bwd {label}",
-                                 lambda: fn(qg, kg, vg, w).sum().backward(), warmup=1)
-            rows.append(dict(kind="attention fwd+bwd", impl=label, n=n, w=w, secs=secs))
+            step = lambda: fn(qg, kg, vg, w).sum().backward()  # noqa: E731
+            secs = progress.time(f"{at} attention fwd+bwd {label}", step, warmup=1)
+            rows.append(dict(kind="attention fwd+bwd", impl=label, n=n, w=w, secs=secs,
+                             peak_mib=bl.peak_extra_mib(step)))
     progress.close()
     for r in rows:
         r["flops"] = bl.flops_band(B, r["n"], H, D, 2 * r["w"] + 1) * (2 if "attention" in r["kind"] else 1)
@@ -173,10 +178,11 @@ def run(quick: bool):
 def print_table(rows, sgemm) -> None:
     print(f"torch SGEMM in this run: {sgemm:.1f} GFLOP/s (float32, B={B}, H={H}, D={D})")
     print(f"{'op':18s} {'implementation':34s} {'N':>6s} {'w':>4s} {'ms':>9s} {'GFLOP/s':>8s} "
-          f"{'%SGEMM':>7s} {'x chunks':>8s}")
+          f"{'%SGEMM':>7s} {'x chunks':>8s} {'peak MiB':>9s}")
     for r in rows:
+        peak = "" if r.get("peak_mib") is None else f"{r['peak_mib']:9.0f}"
         print(f"{r['kind']:18s} {r['impl'][:34]:34s} {r['n']:6d} {r['w']:4d} {1e3 * r['secs']:9.2f} "
-              f"{r['gflops']:8.1f} {r['pct_sgemm']:6.1f}% {r['speedup']:7.2f}x")
+              f"{r['gflops']:8.1f} {r['pct_sgemm']:6.1f}% {r['speedup']:7.2f}x {peak}")
 
 
 TITLES = {"qk": "banded Q Kᵀ", "pv": "banded P V", "tpv": "transposed P V (backward)",

@@ -2,11 +2,12 @@
 
     python benchmarks/figure1.py [--lengths 512,1024,...,32768] [--window 256] [--out benchmarks/out]
 
-For each sequence length and implementation -- ours (compiled band kernels), transformers'
-sliding chunks, dense SDPA under the band mask, and a naive loop (the plain-PyTorch per-diagonal
-reference) -- one subprocess computes the attention core forward (QK, softmax, PV) at B=1, H=12,
-D=64 and reports its best time and its peak extra memory (peak RSS minus RSS before the first
-call) next to the bytes of what it returns (probabilities and output). Points that exceed the
+For each sequence length and implementation -- ours fused (``sliding_window_attention``: output
+and LSE, no scores), ours unfused (compiled band kernels), transformers' sliding chunks, dense
+SDPA under the band mask, and a naive loop (the plain-PyTorch per-diagonal reference) -- one
+subprocess computes the attention core forward at B=1, H=12, D=64 and reports its best time and
+its peak extra memory (peak RSS minus RSS before the first call) next to the bytes of what it
+returns (probabilities and output; output and LSE for the fused op). Points that exceed the
 time or memory budget are recorded as such. Writes figure1.csv and figure1.png.
 """
 
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = ["ours", "sliding chunks", "dense SDPA", "naive loop"]
+METHODS = ["ours fused", "ours", "sliding chunks", "dense SDPA", "naive loop"]
 H, D = 12, 64
 
 
@@ -55,6 +56,9 @@ def point(method: str, n: int, w: int, repeats: int) -> dict:
         p = _softmax_(lt.sliding_window_qk(q, k, w, padding_value=float("-inf")))
         return p, lt.sliding_window_pv(p, v, w)
 
+    def fused():
+        return lt.sliding_window_attention(q, k, v, w, scale=1.0, return_lse=True)
+
     def chunks():
         p = torch.softmax(bl.hf_qk(q, k, w), dim=-1)
         return p, bl.hf_pv(p, v, w)
@@ -70,8 +74,9 @@ def point(method: str, n: int, w: int, repeats: int) -> dict:
         p = _softmax_(reference.band_qk(q, k, band, float("-inf")))
         return p, reference.band_pv(p, v, band)
 
-    fn = {"ours": ours, "sliding chunks": chunks, "dense SDPA": dense, "naive loop": naive}[method]
-    if method == "ours":
+    fn = {"ours fused": fused, "ours": ours, "sliding chunks": chunks, "dense SDPA": dense,
+          "naive loop": naive}[method]
+    if method.startswith("ours"):
         lt.sliding_window_qk(q[:, :8], k[:, :8], 1)  # load the library before measuring memory
     if method == "dense SDPA":
         bl._band_mask(n, w)

@@ -59,15 +59,23 @@ def served(device_type: str, dtype: torch.dtype) -> bool:
 
 # ---- the definition through the band products ----------------------------------------------
 def composite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
-              band: Band, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The op's definition in band products (differentiable): (out, lse)."""
+              band: Band, scale: float, differentiable: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's definition in band products: (out, lse). ``differentiable=False`` (the op's own
+    forward, where nothing records autograd) works in place on the scores: two passes fewer."""
     left, right, dil = band.left, band.right, list(band.dilation)
-    scores = ops.band_qk(q, k, left, right, dil, float("-inf"))
-    scores = scores.to(lse_dtype(q.dtype)) * scale
     if key_mask is not None:
-        scores = scores.masked_fill(band_key_mask(key_mask, band), float("-inf"))
         # an excluded key's value never meets a row, not even times its zero probability
         v = v.masked_fill(key_mask[:, :, None, None], 0.0)
+    scores = ops.band_qk(q * scale, k, left, right, dil, float("-inf")).to(lse_dtype(q.dtype))
+    if not differentiable:
+        if key_mask is not None:
+            scores.masked_fill_(band_key_mask(key_mask, band), float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # -inf where a row has no valid key
+        probs = scores.sub_(lse.masked_fill(torch.isneginf(lse), 0.0)).exp_()
+        out = ops.band_pv(probs.to(q.dtype), v, left, right, dil)
+        return out, lse.squeeze(-1)
+    if key_mask is not None:
+        scores = scores.masked_fill(band_key_mask(key_mask, band), float("-inf"))
     # a row with no valid key (all -inf) is given 0 scores for the LSE, so no -inf - -inf (NaN)
     # appears forward or backward; its probabilities are exp(-inf) = 0 and its LSE -inf
     empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
@@ -84,14 +92,13 @@ def composite_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     kernel's formulas): P = exp(scale * S - lse), dS = P * (dO . V - delta),
     dq = scale * dS K, dk = scale * dS^T Q, dv = P^T dO."""
     left, right, dil = band.left, band.right, list(band.dilation)
-    scores = ops.band_qk(q, k, left, right, dil, float("-inf")).to(lse.dtype) * scale
+    probs = ops.band_qk(q * scale, k, left, right, dil, float("-inf")).to(lse.dtype)
     if key_mask is not None:
-        scores = scores.masked_fill(band_key_mask(key_mask, band), float("-inf"))
-    probs = torch.exp(scores - lse.masked_fill(torch.isneginf(lse), 0.0).unsqueeze(-1))
-    del scores
-    dp = ops.band_qk(dout, v, left, right, dil, 0.0).to(lse.dtype)
-    ds = (probs * (dp - delta.unsqueeze(-1))).to(q.dtype)
-    del dp
+        probs.masked_fill_(band_key_mask(key_mask, band), float("-inf"))
+    probs.sub_(lse.masked_fill(torch.isneginf(lse), 0.0).unsqueeze(-1)).exp_()
+    ds = ops.band_qk(dout, v, left, right, dil, 0.0).to(lse.dtype)
+    ds.sub_(delta.unsqueeze(-1)).mul_(probs)
+    ds = ds.to(q.dtype)
     dq = ops.band_pv(ds, k, left, right, dil) * scale
     dk = ops.band_tpv(ds, q, left, right, dil) * scale
     dv = ops.band_tpv(probs.to(q.dtype), dout, left, right, dil)
@@ -122,7 +129,7 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: 
     band = _band(left, right, dilation)
     kernel = _kernel(FORWARD, q)
     if kernel is None or q.numel() == 0:
-        out, lse = composite(q, k, v, key_mask, band, scale)
+        out, lse = composite(q, k, v, key_mask, band, scale, differentiable=False)
         return out.contiguous(), lse.contiguous()
     q, k, v = ops._prepare(q), ops._prepare(k), ops._prepare(v)
     out = torch.empty(v.shape, dtype=q.dtype, device=q.device)
