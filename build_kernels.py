@@ -7,6 +7,7 @@
     python build_kernels.py build [--target cpu] [--isa host|all|avx512,avx2,generic]
                                   [--dtype float32,float64] [--schedule tuned|hand|naive] [--out DIR]
     python build_kernels.py tune --target cpu [--trials N] [--seed S] [--isa host] [--dtype float32]
+                                 [--rpc-tracker HOST:PORT --rpc-key KEY]
     python build_kernels.py compare [--quick] [--out benchmarks/out]
     python build_kernels.py selfcheck
 
@@ -120,10 +121,18 @@ def cmd_tune(args) -> int:
         from tvm_kernels.cuda import tune as cuda_tune  # MetaSchedule on this machine's GPU
 
         return cuda_tune.main(args)
+    if bool(args.rpc_tracker) != bool(args.rpc_key):
+        raise SystemExit("tune: --rpc-tracker HOST:PORT and --rpc-key KEY go together (the "
+                         "tracker, and the key its servers registered under)")
+    rpc = (args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None
     for isa in _isas(args.isa):
         for dtype in _csv(args.dtype):
-            tune.tune_cpu(isa, dtype, trials=args.trials, seed=args.seed,
-                          db_root=Path(args.db or default_tune_db()), products=_csv(args.products))
+            try:
+                tune.tune_cpu(isa, dtype, trials=args.trials, seed=args.seed,
+                              db_root=Path(args.db or default_tune_db()),
+                              products=_csv(args.products), rpc=rpc)
+            except ValueError as exc:
+                raise SystemExit(str(exc)) from None
     return 0
 
 
@@ -184,6 +193,9 @@ def main(argv=None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--db", default="", help="default: prebuilt/tuning/ in a checkout, "
                    "<cache>/tuning when installed")
+    t.add_argument("--rpc-tracker", default="", metavar="HOST:PORT",
+                   help="measure on the servers of this TVM RPC tracker (docs/TUNING.md)")
+    t.add_argument("--rpc-key", default="", metavar="KEY", help="the servers' key at the tracker")
     s = sub.add_parser("selfcheck", help="every library that runs here against the reference")
     s.add_argument("--quick", action="store_true")
     c = sub.add_parser("compare", help="time schedules and baselines; table + plot")

@@ -21,9 +21,10 @@ from tvm import s_tir
 from tvm.s_tir import meta_schedule as ms
 from tvm.ir.utils import derived_object
 
-from longformer_tvm._contract import PRODUCTS, TUNING_SHAPE
+from longformer_tvm._contract import CPU_ISAS, PRODUCTS, TUNING_SHAPE, host_isa
 
 from .. import band
+from ..rpc import runner as rpc_runner
 from . import schedules
 from .build import scheduled_func, tiled_func
 from .targets import CPU_TARGETS
@@ -148,9 +149,33 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
             self.bar.close()
 
 
+def measurable_here(isa: str) -> bool:
+    """Whether this machine can time ``isa``'s code: its own ISA level or one below it (an
+    AVX-512 machine runs avx2 and generic code, an AVX2 one generic)."""
+    order = list(CPU_ISAS)  # best first
+    return order.index(isa) >= order.index(host_isa())
+
+
+def _runner(product: str, dtype: str, rpc: tuple[str, str] | None):
+    if rpc is None:
+        return _InProcessRunner(product, dtype)
+    _, _, _, _, w, dil = TUNING_SHAPE  # the scalars _workload binds, after the tensors
+    scalars = (w, w, dil) + ((0.0,) if product == "qk" else ())
+    return rpc_runner(*rpc, PRODUCTS[product], scalars)
+
+
 def tune_cpu(isa: str, dtype: str, trials: int, seed: int, db_root: Path,
-             products=tuple(PRODUCTS)) -> Path:
-    """Tune each product; records accumulate in the database directory, which is returned."""
+             products=tuple(PRODUCTS), rpc: tuple[str, str] | None = None) -> Path:
+    """Tune each product; records accumulate in the database directory, which is returned.
+
+    Candidates are timed in this process, or with ``rpc=(tracker HOST:PORT, key)`` on the servers
+    registered under that key (:mod:`tvm_kernels.rpc`), which must be machines of ``isa``. Locally
+    an ISA this machine cannot run is refused (ValueError): it cannot be measured.
+    """
+    if rpc is None and not measurable_here(isa):
+        raise ValueError(f"tune: this machine's ISA level is {host_isa()}, so it cannot measure "
+                         f"{isa} code; tune {isa} on an {isa} machine, or measure there with "
+                         "--rpc-tracker HOST:PORT --rpc-key KEY (docs/TUNING.md)")
     target = CPU_TARGETS[isa]
     out = db_dir(db_root, isa, dtype)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,7 +193,7 @@ def tune_cpu(isa: str, dtype: str, trials: int, seed: int, db_root: Path,
                 max_trials_global=trials, num_trials_per_iter=min(trials, 8),
                 space=_space(product, target.lanes(dtype)), strategy="replay-trace",
                 builder=_SymbolicBuilder(dtype, target, tempfile.mkdtemp(dir=work)),
-                runner=_InProcessRunner(product, dtype),
+                runner=_runner(product, dtype, rpc),
                 database=database, cost_model="random",
                 measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
                                    progress],
