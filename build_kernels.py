@@ -9,7 +9,7 @@
     python build_kernels.py tune --target cpu [--trials N] [--seed S] [--isa host] [--dtype float32]
                                  [--rpc-tracker HOST:PORT --rpc-key KEY]
     python build_kernels.py compare [--quick] [--out benchmarks/out]
-    python build_kernels.py selfcheck
+    python build_kernels.py selfcheck [--quick] [--emulate-cuda]
 
 In a checkout, libraries go to prebuilt/ (default) with prebuilt/manifest.json and tuning
 databases to prebuilt/tuning/. An installed wheel's tree is not rewritten: there ``build`` writes
@@ -198,6 +198,8 @@ def main(argv=None) -> int:
     t.add_argument("--rpc-key", default="", metavar="KEY", help="the servers' key at the tracker")
     s = sub.add_parser("selfcheck", help="every library that runs here against the reference")
     s.add_argument("--quick", action="store_true")
+    s.add_argument("--emulate-cuda", action="store_true", help="the CUDA libraries' schedules on "
+                   "this CPU, under the thread-block emulator (needs the TVM compiler and g++)")
     c = sub.add_parser("compare", help="time schedules and baselines; table + plot")
     c.add_argument("--quick", action="store_true", help="one shape, no plot (used by the main job)")
     c.add_argument("--out", default="", help="default: benchmarks/out/ in a checkout, "

@@ -1,0 +1,142 @@
+"""The shipped CUDA libraries' kernels, executed on the CPU under the thread-block emulator.
+
+No GPU: :mod:`tvm_kernels.cuda.emulate` regenerates each library's kernels from its manifest
+entry's configuration (the build's definitions and schedules), compiles TVM's CUDA source with
+g++ against a small emulation header and runs it with TVM's own host code. Every product and
+dtype is checked against the float64 reference at the GPU selfcheck's tolerance, with strided
+inputs and outputs inside canaries and NaN in the invalid diagonals; the emulator itself must
+catch a deleted barrier and an off-by-one staging guard; and the inner loops' shared-memory
+reads have the bank conflicts the schedule's docstring promises.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.selfcheck import EMULATED, check_functions
+from longformer_tvm import _manifest
+
+emulate = pytest.importorskip("tvm_kernels.cuda.emulate", reason="needs the TVM compiler")
+if emulate.find_gxx() is None:
+    pytest.skip("g++ not found: the CUDA emulator compiles TVM's CUDA source with it",
+                allow_module_level=True)
+
+PREBUILT = Path(__file__).resolve().parent.parent / "prebuilt"
+ENTRIES = [e for e in _manifest.read_manifest(PREBUILT) if e.device == "cuda"]
+_LIBRARIES: dict = {}
+
+
+def library(entry):
+    """The emulated library of a shipped entry, built once per test session."""
+    if entry.path.name not in _LIBRARIES:
+        _LIBRARIES[entry.path.name] = emulate.EmulatedLibrary(entry.dtype, entry.info["config"])
+    return _LIBRARIES[entry.path.name]
+
+
+def _case_id(case):
+    b, n, h, d, w, dil, ar = case
+    return f"B{b}-N{n}-H{h}-D{d}-w{w}-d{dil}{'-ar' if ar else ''}".replace(" ", "")
+
+
+def _failures(rows):
+    return [(r["case"], r["product"], f"err {r['err']:.2e} tol {r['tol']:.2e}", r["problems"])
+            for r in rows if not r["ok"]]
+
+
+def test_every_cuda_dtype_is_shipped_with_its_schedule():
+    assert sorted(e.dtype for e in ENTRIES) == sorted(["float32", "float16", "bfloat16"])
+    assert all(set(e.info["config"]) == {"qk", "pv"} for e in ENTRIES)
+
+
+@pytest.mark.parametrize("case", EMULATED, ids=_case_id)
+@pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.dtype)
+def test_shipped_schedule_matches_reference(entry, case):
+    rows = check_functions(library(entry).functions, getattr(torch, entry.dtype), "cpu", [case],
+                           guarded=True)
+    assert len(rows) == 3 and not _failures(rows), _failures(rows)
+
+
+@pytest.mark.parametrize("order", ["reverse", "shuffled"])
+@pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.dtype)
+def test_thread_order_does_not_matter(entry, order):
+    lib = library(entry)
+    lib.configure(order, seed=7)
+    try:
+        rows = check_functions(lib.functions, getattr(torch, entry.dtype), "cpu",
+                               [EMULATED[3], EMULATED[5]], guarded=True)
+    finally:
+        lib.configure("forward")
+    assert not _failures(rows), _failures(rows)
+
+
+# ---- the harness can fail ----------------------------------------------------------------------
+
+def _kernel_span(source: str, name: str) -> tuple[int, int]:
+    """Where the body of kernel ``name`` starts and ends in the CUDA source."""
+    m = re.search(r'extern "C" __global__ void [^;{]*\b' + name + r"\([^)]*\)\s*\{", source)
+    end = source.find('extern "C"', m.end())
+    return m.end(), len(source) if end < 0 else end
+
+
+def _delete_barrier(index: int):
+    def mutate(source: str) -> str:
+        start, end = _kernel_span(source, "band_qk_kernel")
+        spots = [m.start() for m in re.finditer(r"__syncthreads\(\);", source[start:end])]
+        at = start + spots[index]
+        return source[:at] + source[at + len("__syncthreads();"):]
+    return mutate
+
+
+def _shift_staging_guard(delta: int):
+    """The first staging loop guard of the QK kernel, one row wider or narrower."""
+    def mutate(source: str) -> str:
+        start, end = _kernel_span(source, "band_qk_kernel")
+        m = re.compile(r"\) < (\d+)\) \{").search(source, start, end)
+        return source[:m.start(1)] + str(int(m.group(1)) + delta) + source[m.end(1):]
+    return mutate
+
+
+@pytest.fixture(scope="module")
+def float32_entry():
+    (entry,) = [e for e in ENTRIES if e.dtype == "float32"]
+    return entry
+
+
+@pytest.mark.parametrize("fault", [
+    pytest.param(_delete_barrier(0), id="barrier-before-staging-deleted"),
+    pytest.param(_delete_barrier(1), id="barrier-after-staging-deleted"),
+    pytest.param(_shift_staging_guard(+1), id="staging-guard-one-row-past"),
+    pytest.param(_shift_staging_guard(-1), id="staging-guard-one-row-short"),
+])
+def test_injected_faults_are_reported(float32_entry, fault):
+    lib = emulate.EmulatedLibrary("float32", float32_entry.info["config"], mutate=fault)
+    assert lib.source != library(float32_entry).source
+    case = (1, 150, 2, 40, 40, 1, False)  # several tiles, diagonal chunks and head-column chunks
+    rows = check_functions(lib.functions, torch.float32, "cpu", [case], guarded=True)
+    qk = [r for r in rows if r["product"] == "qk"]
+    assert not qk[0]["ok"], "the emulator missed an injected fault"
+    assert all(r["ok"] for r in rows if r["product"] != "qk"), "a fault in QK broke PV"
+
+
+def test_a_stray_shared_write_names_the_canary(float32_entry):
+    lib = emulate.EmulatedLibrary("float32", float32_entry.info["config"],
+                                  mutate=_shift_staging_guard(+1))
+    q = torch.randn(1, 150, 2, 40)
+    out = torch.empty(1, 150, 2, 41)
+    with pytest.raises(emulate.EmulationError, match=r"band_qk_kernel: block \d+: shared-memory canary"):
+        lib.functions["qk"](q, q, out, 20, 20, 1, 0.0)
+
+
+def test_barrier_divergence_is_reported(float32_entry):
+    def diverge(source):
+        start, end = _kernel_span(source, "band_qk_kernel")
+        at = source.index("__syncthreads();", start)
+        return source[:at] + "if (threadIdx.x != 3) __syncthreads();" + source[at + 16:]
+    lib = emulate.EmulatedLibrary("float32", float32_entry.info["config"], mutate=diverge)
+    q = torch.randn(1, 10, 1, 8)
+    with pytest.raises(emulate.EmulationError, match="barrier divergence"):
+        lib.functions["qk"](q, q, torch.empty(1, 10, 1, 3), 1, 1, 1, 0.0)
