@@ -66,7 +66,8 @@ def test_the_wheel_is_a_platform_wheel_carrying_every_library_and_the_build_tree
     assert any(n.startswith("longformer_tvm/prebuilt/tuning/") for n in names)
     sources = {f"longformer_tvm/_build/{s}" for device in _contract.SOURCES.values() for s in device}
     assert sources | {"longformer_tvm/_build/build_kernels.py",
-                      "longformer_tvm/_build/benchmarks/selfcheck.py"} <= names
+                      "longformer_tvm/_build/benchmarks/selfcheck.py",
+                      "longformer_tvm/_build/tvm_kernels/cuda/emulate.h"} <= names
     assert not [n for n in names if n.endswith(".lock") or "__pycache__" in n or n.startswith("tests/")]
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "longformer-tvm = longformer_tvm._cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
