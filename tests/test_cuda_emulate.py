@@ -18,7 +18,9 @@ import pytest
 import torch
 
 from benchmarks.selfcheck import EMULATED, check_functions
-from longformer_tvm import _manifest
+from longformer_tvm import _manifest, reference
+from longformer_tvm._checks import normalize_band
+from longformer_tvm.ops import apply_kernel
 
 emulate = pytest.importorskip("tvm_kernels.cuda.emulate", reason="needs the TVM compiler")
 if emulate.find_gxx() is None:
@@ -71,6 +73,32 @@ def test_thread_order_does_not_matter(entry, order):
     finally:
         lib.configure("forward")
     assert not _failures(rows), _failures(rows)
+
+
+# ---- non-finite values stay where the band puts them ------------------------------------------
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.dtype)
+def test_infinite_values_spread_only_along_the_band(entry):
+    """An inf in one row of V (X) reaches exactly the outputs whose band holds that row. With C
+    = 35 diagonals, not a multiple of any chunk TJ, the last chunk's columns past C hold zero
+    weights that meet real rows of the slab: 0 * inf must not turn into NaN there."""
+    dtype = getattr(torch, entry.dtype)
+    b, n, h, d, w = 1, 150, 2, 24, 17
+    band = normalize_band("test", w, [1, 2], False, h)
+    g = torch.Generator().manual_seed(3)
+    p = torch.randn(b, n, h, band.columns, generator=g).to(dtype)
+    v = torch.randn(b, n, h, d, generator=g).to(dtype)
+    v[:, 70] = float("inf")
+    v[:, 90, :, 3] = float("-inf")
+    lib = library(entry)
+    for product, ref in (("pv", reference.band_pv), ("tpv", reference.band_pv_transposed)):
+        want = ref(p.double(), v.double(), band)
+        out = torch.empty(b, n, h, d, dtype=dtype)
+        apply_kernel(lib.functions[product], p, v, band, out, None)
+        wrong = (torch.isfinite(out) != torch.isfinite(want)).any(-1).nonzero()[:, 1].unique()
+        assert not len(wrong), f"{product}: rows {wrong.tolist()} differ in non-finite entries"
+        finite = torch.isfinite(want)
+        assert (out.double()[finite] - want[finite]).abs().max() < 0.1 * d
 
 
 # ---- the harness can fail ----------------------------------------------------------------------

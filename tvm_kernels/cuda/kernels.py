@@ -12,7 +12,9 @@ The same residue/tile idea as :mod:`tvm_kernels.cpu.kernels`, arranged for a GPU
   time, so shared memory is fixed whatever the window or head size.
 * **Guards at staging, not in the loop.** Keys outside the sequence stage as zeros, so the inner
   product loops are branch-free; QK then writes ``pad`` where the key is invalid, PV zeroes the
-  probabilities of invalid diagonals (whatever they hold) as it stages them.
+  probabilities of invalid diagonals (whatever they hold) as it stages them. One exception: in
+  PV's last chunk, columns past the last diagonal meet real slab rows, so their products are
+  selected away (a select, uniform per column, not a multiplication by zero: 0 * inf is NaN).
 * **fp32 accumulation** for every input dtype.
 
 PV (``out[m] = sum_j p[m, j] v[m + j - left]``) and its adjoint
@@ -172,12 +174,19 @@ def make_pv(dtype: str, tiles: Tiles, transposed: bool = False):
                             vjc, vi, vd, vj = T.axis.remap("RSSR", [jc, ii, dd, jj])
                             with T.init():
                                 acc[vi, vd] = T.float32(0)
+                            # Where TJ does not divide C, the last chunk's columns past C
+                            # hold zero weights yet meet real slab rows: select, not multiply
+                            # by zero, so that an inf there cannot become NaN (0 * inf).
                             if transposed:
-                                acc[vi, vd] = acc[vi, vd] + _acc(As[vi + vj, vj], dtype) * _acc(
-                                    Vs[vi + vj, vd], dtype)
+                                acc[vi, vd] = acc[vi, vd] + T.Select(
+                                    vjc * tj + vj < C,
+                                    _acc(As[vi + vj, vj], dtype) * _acc(Vs[vi + vj, vd], dtype),
+                                    T.float32(0))
                             else:
-                                acc[vi, vd] = acc[vi, vd] + _acc(As[vi, vj], dtype) * _acc(
-                                    Vs[vi + vj, vd], dtype)
+                                acc[vi, vd] = acc[vi, vd] + T.Select(
+                                    vjc * tj + vj < C,
+                                    _acc(As[vi, vj], dtype) * _acc(Vs[vi + vj, vd], dtype),
+                                    T.float32(0))
                 for ii, dd in T.grid(tm, td):
                     with T.sblock("out"):
                         vi, vd = T.axis.remap("SS", [ii, dd])
