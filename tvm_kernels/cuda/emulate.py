@@ -123,6 +123,12 @@ def cuda_source(device, target) -> str:
     return str(tvm.get_global_func("target.build.cuda")(device, target).inspect_source())
 
 
+def library_source(dtype: str, configs: dict) -> str:
+    """The CUDA source of one library's three kernels (lowered once per configuration)."""
+    _, device, target = _lowered(dtype, json.dumps(configs, sort_keys=True))
+    return cuda_source(device, target)
+
+
 def launch_tags(device) -> dict[str, list[str]]:
     """{kernel: the launch extents the host passes after its arguments, in order}."""
     return {gv.name_hint: [str(t) for t in f.attrs["tirx.kernel_launch_params"]]

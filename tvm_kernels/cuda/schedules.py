@@ -6,9 +6,10 @@ stages in shared memory; a schedule maps that onto threads:
 * the tile loops (b, h, r, tile, chunk) fuse into ``blockIdx.x``;
 * a ``TY x TX`` thread grid owns the tile's ``TM x TJ`` (QK) or ``TM x TD`` (PV) outputs; each thread
   accumulates an ``(TM/TY) x (TJ/TX)`` register block. Its columns are interleaved
-  (``jj = b*TX + tx``) so that the threads of a warp read consecutive slab rows -- the slab
-  buffers are padded by one element per row (``storage_align``), which makes those reads
-  conflict-free in shared memory;
+  (``jj = b*TX + tx``, ``b`` a virtual thread) so that the threads of a warp read consecutive slab
+  rows -- the slab buffers are padded by one element per row (``storage_align``), which makes
+  QK's reads conflict-free in shared memory and PV's at most 2-way (tests/test_cuda_banks.py
+  computes the degrees from the generated source);
 * the staging loops (global -> shared) are spread over all ``TY*TX`` threads with the head column
   innermost, so a warp's loads are contiguous in global memory.
 
@@ -65,25 +66,27 @@ def _spread(sch: s_tir.Schedule, block, ty, tx) -> None:
 
 
 def _register_tile(sch: s_tir.Schedule, block, ty, tx, reduction: bool, unroll=None) -> None:
-    """(ii, jj[, k]) -> (ty, tx[, k], a, b): thread (ty, tx) owns rows ty*RM + a, columns tx*RJ + b.
+    """(ii, jj[, k]) -> (b, ty, tx[, k], a): thread (ty, tx) owns rows ty*RM + a and the
+    interleaved columns b*TX + tx, b < RJ.
 
-    Each thread's block of the accumulator is contiguous, so the local buffer compacts to RM x RJ
-    registers.
+    ``b`` is a virtual thread (``vthread.x``): TVM unrolls it inside each thread and sizes the
+    local accumulator per virtual thread, so it still compacts to RM x RJ registers although
+    the thread's columns are TX apart (a plain split would give a (RJ-1)*TX+1 wide buffer).
     """
     loops = sch.get_loops(block)
     n = 3 if reduction else 2
     ii, jj = loops[-n], loops[-n + 1]
     y, a = sch.split(ii, [ty, None])
-    x, b = sch.split(jj, [tx, None])
+    b, x = sch.split(jj, [None, tx])
     if reduction:
         k = loops[-1]
         ko, ki = sch.split(k, [None, unroll])
-        sch.reorder(y, x, ko, ki, a, b)
+        sch.reorder(b, y, x, ko, ki, a)
         sch.unroll(ki)
     else:
-        sch.reorder(y, x, a, b)
+        sch.reorder(b, y, x, a)
     sch.unroll(a)
-    sch.unroll(b)
+    sch.bind(b, "vthread.x")
     sch.bind(y, "threadIdx.y")
     sch.bind(x, "threadIdx.x")
 
