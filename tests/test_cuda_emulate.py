@@ -62,6 +62,28 @@ def test_shipped_schedule_matches_reference(entry, case):
     assert len(rows) == 3 and not _failures(rows), _failures(rows)
 
 
+def test_shipped_configurations_are_what_the_build_chooses():
+    from tvm_kernels.cuda.build import configs_for
+
+    for entry in ENTRIES:
+        for arch in entry.info["archs"]:
+            chosen = configs_for(entry.dtype, "tuned", arch)
+            assert {k: {"tiles": v["tiles"], "knobs": v["knobs"]} for k, v in chosen.items()} == \
+                entry.info["config"], (entry.path.name, arch)
+
+
+@pytest.mark.parametrize("dtype, candidate", [("float32", 2), ("float32", 7), ("float16", 3)])
+def test_tuning_candidates_match_reference(dtype, candidate):
+    """Other tile sizes and thread grids of the offline tuning space (8x16 threads, KD = 8)."""
+    from tvm_kernels.cuda import tune
+
+    qk, pv = tune.OFFLINE_SPACE[candidate]
+    lib = emulate.EmulatedLibrary(dtype, {"qk": tune._config(qk), "pv": tune._config(pv)})
+    rows = check_functions(lib.functions, getattr(torch, dtype), "cpu", [EMULATED[3]],
+                           guarded=True)
+    assert not _failures(rows), _failures(rows)
+
+
 @pytest.mark.parametrize("order", ["reverse", "shuffled"])
 @pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.dtype)
 def test_thread_order_does_not_matter(entry, order):
