@@ -97,6 +97,44 @@ def test_thread_order_does_not_matter(entry, order):
     assert not _failures(rows), _failures(rows)
 
 
+def test_16_bit_conversions_round_to_nearest_even(tmp_path):
+    """The header's half / nv_bfloat16 against torch's float32 -> 16-bit rounding on random bit
+    patterns (every exponent, subnormals, infinities, NaN), and a double just above a half-way
+    point, which rounds up directly (as __double2half does) but to even through float."""
+    import ctypes
+    import subprocess
+
+    src = tmp_path / "conv.cc"
+    src.write_text(f'#include "{emulate.HEADER}"\n' + """
+extern "C" void convert(const double* x, long n, uint16_t* h, uint16_t* b, float* wh, float* wb) {
+  for (long i = 0; i < n; ++i) {
+    half a(x[i]); nv_bfloat16 c(x[i]);
+    h[i] = a.bits; b[i] = c.bits; wh[i] = (float)a; wb[i] = (float)c;
+  }
+}""")
+    lib = tmp_path / "conv.so"
+    subprocess.run([emulate.find_gxx(), "-std=c++17", "-O1", "-shared", "-fPIC", "-w", str(src),
+                    "-o", str(lib)], check=True)
+    convert = ctypes.CDLL(str(lib)).convert
+    bits = torch.randint(-2**31, 2**31 - 1, (200_000,), generator=torch.Generator().manual_seed(0),
+                         dtype=torch.int64).to(torch.int32)
+    x32 = torch.cat([bits.view(torch.float32), torch.tensor([0.0, -0.0, 65504.0, 65519.99, 65520.0,
+                                                              float("inf"), -float("inf"), 2.0**-25])])
+    x = torch.cat([x32.double(), torch.tensor([1 + 2.0**-11 + 2.0**-40], dtype=torch.float64)])
+    n = len(x)
+    h, b = torch.empty(n, dtype=torch.int16), torch.empty(n, dtype=torch.int16)
+    wh, wb = torch.empty(n), torch.empty(n)
+    ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
+    convert(ptr(x), ctypes.c_long(n), ptr(h), ptr(b), ptr(wh), ptr(wb))
+    for got, widened, dtype in ((h, wh, torch.float16), (b, wb, torch.bfloat16)):
+        want = x32.to(dtype)
+        nan = torch.isnan(want)
+        assert torch.isnan(got[:-1].view(dtype)[nan]).all()
+        assert torch.equal(got[:-1][~nan], want.view(torch.int16)[~nan]), dtype
+        assert torch.equal(widened[:-1][~nan], want[~nan].float()), dtype  # exact widening
+    assert h[-1].item() == 0x3C01  # 1 + 2^-10: rounded once, from the double
+
+
 # ---- non-finite values stay where the band puts them ------------------------------------------
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.dtype)

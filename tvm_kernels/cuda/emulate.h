@@ -53,6 +53,7 @@ static inline uint16_t emu_round_bits(double x) {
   if (std::isnan(x)) return sign | inf | (1 << (MANT - 1));
   double a = std::fabs(x);
   if (a == 0) return sign;
+  if (std::isinf(a)) return sign | inf;
   int e;
   std::frexp(a, &e);
   int E = e - 1;  // a = 1.f * 2^E
