@@ -86,29 +86,24 @@ struct emu_half_table {
 };
 static const emu_half_table emu_half_to_float;
 
-struct half {
+// A 16-bit float with MANT mantissa and EXPB exponent bits: storage, rounding in, widening out.
+template <int MANT, int EXPB>
+struct emu_float16 {
   uint16_t bits;
-  half() = default;
-  half(float f) : bits(emu_round_bits<10, 5>(f)) {}
-  half(double f) : bits(emu_round_bits<10, 5>(f)) {}
-  half(int i) : bits(emu_round_bits<10, 5>((double)i)) {}
-  operator float() const { return emu_half_to_float.v[bits]; }
-};
-using __half = half;
-
-struct nv_bfloat16 {
-  uint16_t bits;
-  nv_bfloat16() = default;
-  nv_bfloat16(float f) : bits(emu_round_bits<7, 8>(f)) {}
-  nv_bfloat16(double f) : bits(emu_round_bits<7, 8>(f)) {}
-  nv_bfloat16(int i) : bits(emu_round_bits<7, 8>((double)i)) {}
+  emu_float16() = default;
+  template <typename T, typename = typename std::enable_if<std::is_arithmetic<T>::value>::type>
+  emu_float16(T x) : bits(emu_round_bits<MANT, EXPB>((double)x)) {}  // exact to double, rounded once
   operator float() const {
-    uint32_t u = (uint32_t)bits << 16;
+    if (MANT == 10) return emu_half_to_float.v[bits];
+    uint32_t u = (uint32_t)bits << 16;  // bfloat16: the top half of a float
     float f;
     std::memcpy(&f, &u, 4);
     return f;
   }
 };
+using half = emu_float16<10, 5>;
+using __half = half;
+using nv_bfloat16 = emu_float16<7, 8>;
 
 static inline half __float2half_rn(float f) { return half(f); }
 static inline float __half2float(half h) { return (float)h; }
