@@ -1,0 +1,309 @@
+"""Fused sliding-window attention, forward (TIR): the band's scores never leave the core's cache.
+
+Semantics are those of ``sliding_window_qk`` -> softmax -> ``sliding_window_pv`` on one run of
+heads with equal dilation ``d``: query row ``i`` meets keys ``i + (j - left) * d`` for ``j`` in
+``[0, left + right]`` that lie in ``[0, N)`` and have ``key_mask == 0``; ``out = softmax(scale *
+q.k) v`` over those keys and ``lse = log sum exp(scale * q.k)``. A row with no such key gets
+``out = 0`` and ``lse = -inf``. For ``left = right = 1``, ``d = 1``, N = 5 the band is::
+
+    1 1 0 0 0
+    1 1 1 0 0
+    0 1 1 1 0
+    0 0 1 1 1
+    0 0 0 1 1
+
+Formulation (the residue layout and tiles of :mod:`tvm_kernels.cpu.kernels`):
+
+* **Work units.** A unit is a run of consecutive tiles of one (batch, head, residue) -- the
+  parallel item. It packs its slab of keys and values once (zero where the key is outside the
+  sequence or masked, a select, never a product) with a 0/1 validity flag per packed key:
+  ``KP`` in panels of ``V`` keys (QK's layout), ``VP`` in rows of the padded head dimension.
+  The workspace is one unit's slab per thread (TVM places the buffers inside the parallel loop).
+* **Per tile** of ``TT`` query rows: ``S = Q_tile KP^T`` (``TT x SC``, ``SC`` = the tile's slab
+  columns, ``TT + left + right`` rounded up to panels) in a small buffer; per row the max and the
+  sum over the columns of its band (selects on ``ii <= c <= ii + left + right`` and the flag), the
+  exponentials by a vectorised polynomial (:func:`fast_exp`); then ``O = P VP_slab`` and the
+  output ``O / l``, ``lse = m + log l``.
+* **Nothing outside a row's band meets it** as a value: S entries outside the band are replaced by
+  -inf / 0 (selects), and masked or outside keys are packed as zeros, so an inf or NaN held by a
+  masked key, a key outside the sequence or another residue never reaches a row. A non-finite
+  ``v`` row of a valid key is multiplied by the zero P entries of the tile's rows whose band does
+  not hold it (the dense tile product), so such a value spreads within the tile; callers check
+  the result as they do for ``band_pv``.
+
+Signature (``lse`` has the inputs' dtype, so that float64 gradients stay float64-accurate)::
+
+    band_attention(q[B,N,H,D], k[B,N,H,D], v[B,N,H,D], key_mask[B,N] uint8, out[B,N,H,D],
+                   lse[B,N,H], left: int64, right: int64, dilation: int64, scale: float64)
+
+q, k, v, out: any strides, unit last stride. key_mask: any strides (stride 0 broadcasts a
+``torch.zeros(1, 1, dtype=torch.uint8).expand(B, N)`` for "no mask"); nonzero = excluded. lse:
+strides ``(s0, s1, 1)``.
+"""
+
+from __future__ import annotations
+
+from tvm import DataType, tirx
+from tvm.script import tirx as T
+
+from ..band import ceil_div, rows_in_residue, tiles_per_residue
+
+#: Rows a work unit covers (at least ``left + right``, which the backward's two phases need).
+UNIT_ROWS = 512
+#: The tile's slab is rounded up to a multiple of this many panels (QK's microkernel may take 1 or 2).
+PANEL_ROUND = 2
+#: Packed head dimension: a multiple of this many vectors (the PV microkernel's widest block).
+VEC_ROUND = 4
+ALIGN = 4
+
+# ---- a vectorisable exp ---------------------------------------------------------------------
+
+#: Per dtype: (lower clamp, Taylor degree, integer type, mantissa bits, exponent bias). On the
+#: reduced argument |f| <= ln2/2 the Taylor remainder is f^(n+1)/(n+1)! : 5e-9 (degree 7) and
+#: 5e-18 (degree 13), under each dtype's rounding.
+_EXP = {"float32": (-87.0, 7, "int32", 23, 127), "float64": (-708.0, 13, "int64", 52, 1023)}
+_LN2_HI, _LN2_LO = 0.693145751953125, 1.42860682030941723212e-6  # ln 2 = hi + lo, hi exact in 16 bits
+_LOG2E = 1.4426950408889634
+
+
+def fast_exp(x, dtype: str):
+    """exp(x) for x <= 0 as branch-free arithmetic that LLVM vectorises (TVM's ``T.exp`` is a
+    scalar libm call): x = n ln2 + f, exp(f) by Horner, 2^n built in the exponent bits. Below the
+    clamp (exp < 2^-125 in float32) it returns the clamp's value, ~1e-38 / 1e-308: negligible
+    against a row sum that is at least 1."""
+    lo, degree, itype, mant, bias = _EXP[dtype]
+    c = lambda value: tirx.const(value, dtype)  # noqa: E731
+    x = T.max(x, c(lo))
+    n = T.floor(x * c(_LOG2E) + c(0.5))
+    f = (x - n * c(_LN2_HI)) - n * c(_LN2_LO)
+    p = c(1.0)
+    for k in range(degree, 0, -1):  # 1 + f(1 + f/2(1 + f/3(...)))
+        p = c(1.0) + f * p * c(1.0 / k)
+    bits = T.shift_left(T.Cast(itype, n) + tirx.const(bias, itype), tirx.const(mant, itype))
+    return p * T.reinterpret(dtype, bits)
+
+
+# ---- the shared index rules (forward and backward) -----------------------------------------
+
+
+def packed_width(dim, v):
+    return ceil_div(dim, v * VEC_ROUND) * (v * VEC_ROUND)
+
+
+class Layout:
+    """Index rules of the unit/tile layout for tile height ``tt`` (a multiple of ``v``)."""
+
+    def __init__(self, v: int, tm: int, unit_rows: int = UNIT_ROWS):
+        self.v, self.tm, self.tt, self.unit_rows = v, tm, v * tm, unit_rows
+
+    def slab_panels(self, left, right):  # panels of a tile's slab
+        return ceil_div(self.tt + left + right, self.v * PANEL_ROUND) * PANEL_ROUND
+
+    def slab_cols(self, left, right):
+        return self.slab_panels(left, right) * self.v
+
+    def tiles(self, N, d):
+        return tiles_per_residue(N, d, self.tt)
+
+    def unit_tiles(self, N, d, left, right):  # >= left + right rows, and >= 1
+        want = T.max(ceil_div(T.int64(self.unit_rows), self.tt), ceil_div(left + right, self.tt))
+        return T.max(T.min(want, self.tiles(N, d)), T.int64(1))
+
+    def units(self, N, d, left, right):
+        return ceil_div(self.tiles(N, d), self.unit_tiles(N, d, left, right))
+
+    def unit_panels(self, N, d, left, right):  # a unit's packed slab
+        return self.unit_tiles(N, d, left, right) * self.tm + self.slab_panels(left, right)
+
+    def tile_count(self, N, d, left, right, u):  # tiles of unit u (the last may have fewer)
+        ut = self.unit_tiles(N, d, left, right)
+        return T.max(T.min(ut, self.tiles(N, d) - u * ut), T.int64(0))
+
+    def tile(self, N, d, left, right, u, t):  # residue tile index of unit u's tile t
+        return u * self.unit_tiles(N, d, left, right) + t
+
+    def key_pos(self, N, d, left, right, u, pp):  # residue position of unit u's packed key pp
+        return u * self.unit_tiles(N, d, left, right) * self.tt + pp - left
+
+    def query_row(self, N, d, r, blk, ii):  # sequence row of a tile row (clamped; masked by caller)
+        return T.min((blk * self.tt + ii) * d + r, N - 1)
+
+    def query_ok(self, N, d, r, blk, ii):
+        return (blk * self.tt + ii) * d + r < N
+
+    @staticmethod
+    def in_band(left, right, ii, c):  # slab column c of tile row ii is in the row's band
+        return tirx.all(c >= ii, c - ii <= left + right)
+
+
+def key_flag(layout: Layout, M, N, d, r, left, right, b, u, pp, dtype):
+    """1 where unit u's packed key pp is inside the sequence and not masked, else 0."""
+    pos = layout.key_pos(N, d, left, right, u, pp)
+    row = T.max(T.min(pos * d + r, N - 1), T.int64(0))
+    inside = tirx.all(pos >= 0, pos < rows_in_residue(N, d, r))
+    return T.Select(inside, T.Select(M[b, row] == T.uint8(0), T.cast(1, dtype),
+                                                 T.cast(0, dtype)), T.cast(0, dtype))
+
+
+def key_row(layout: Layout, N, d, r, left, right, u, pp):  # clamped sequence row of a packed key
+    return T.max(T.min(layout.key_pos(N, d, left, right, u, pp) * d + r, N - 1), T.int64(0))
+
+
+def views(handles, dtype, B, N, H, D):
+    """The (B, N, H, D) tensor views (strides ``s<tag>0..2``, unit last stride)."""
+    out = []
+    for handle in handles:
+        tag = handle.name.removesuffix("_h")
+        strides = tuple(tirx.Var(f"s{tag}{i}", "int64") for i in range(3)) + (T.int64(1),)
+        out.append(T.match_buffer(handle, (B, N, H, D), dtype, strides=strides, align=ALIGN,
+                                  offset_factor=1))
+    return out
+
+
+def mask_view(handle, B, N):
+    strides = (tirx.Var("sm0", "int64"), tirx.Var("sm1", "int64"))
+    return T.match_buffer(handle, (B, N), "uint8", strides=strides, offset_factor=1)
+
+
+def lse_view(handle, dtype, B, N, H):
+    strides = (tirx.Var("sl0", "int64"), tirx.Var("sl1", "int64"), T.int64(1))
+    return T.match_buffer(handle, (B, N, H), dtype, strides=strides, align=ALIGN, offset_factor=1)
+
+
+def make_attention(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_ROWS):
+    """The forward kernel; ``v`` vector lanes, tiles of ``v * tm`` query rows."""
+    L = Layout(v, tm, unit_rows)
+    tt = L.tt
+    zero, one = T.cast(0, dtype), T.cast(1, dtype)
+    ninf = tirx.const(float("-inf"), dtype)
+
+    @T.prim_func(s_tir=True)
+    def band_attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, m_h: T.handle,
+                       o_h: T.handle, l_h: T.handle, left: T.int64, right: T.int64,
+                       d: T.int64, scale: T.float64):
+        T.func_attr({"tirx.noalias": True})
+        B, N, H, D = T.int64(), T.int64(), T.int64(), T.int64()
+        Q, K, Vt, O = views((q_h, k_h, v_h, o_h), dtype, B, N, H, D)
+        M = mask_view(m_h, B, N)
+        LS = lse_view(l_h, dtype, B, N, H)
+        KF = T.sblock_alloc_buffer((B, H, d, L.units(N, d, left, right), L.unit_panels(N, d, left, right) * v), dtype)
+        KP = T.sblock_alloc_buffer((B, H, d, L.units(N, d, left, right), L.unit_panels(N, d, left, right), D, v), dtype)
+        VP = T.sblock_alloc_buffer((B, H, d, L.units(N, d, left, right), L.unit_panels(N, d, left, right) * v,
+                                    packed_width(D, v)), dtype)
+        tshape = (B, H, d, L.tiles(N, d))
+        S = T.sblock_alloc_buffer(tshape + (tt, L.slab_cols(left, right)), dtype)
+        P = T.sblock_alloc_buffer(tshape + (tt, L.slab_cols(left, right)), dtype)
+        MP = T.sblock_alloc_buffer(tshape + (tt, v), dtype)
+        SP = T.sblock_alloc_buffer(tshape + (tt, v), dtype)
+        MX = T.sblock_alloc_buffer(tshape + (tt,), dtype)
+        SM = T.sblock_alloc_buffer(tshape + (tt,), dtype)
+        OA = T.sblock_alloc_buffer(tshape + (tt, packed_width(D, v)), dtype)
+        for u, b, h, r in T.grid(L.units(N, d, left, right), B, H, d):
+            for pp in range(L.unit_panels(N, d, left, right) * v):
+                with T.sblock("flag"):
+                    vu, vb, vh, vr, vp = T.axis.remap("SSSSS", [u, b, h, r, pp])
+                    KF[vb, vh, vr, vu, vp] = key_flag(L, M, N, d, vr, left, right, vb, vu, vp, dtype)
+            for p, k, pi in T.grid(L.unit_panels(N, d, left, right), D, v):
+                with T.sblock("pack_k"):
+                    vu, vb, vh, vr, vp, vk, vpi = T.axis.remap("SSSSSSS", [u, b, h, r, p, k, pi])
+                    KP[vb, vh, vr, vu, vp, vk, vpi] = T.Select(
+                        KF[vb, vh, vr, vu, vp * v + vpi] > zero,
+                        K[vb, key_row(L, N, d, vr, left, right, vu, vp * v + vpi), vh, vk], zero)
+            for pp, k in T.grid(L.unit_panels(N, d, left, right) * v, packed_width(D, v)):
+                with T.sblock("pack_v"):
+                    vu, vb, vh, vr, vp, vk = T.axis.remap("SSSSSS", [u, b, h, r, pp, k])
+                    VP[vb, vh, vr, vu, vp, vk] = T.Select(
+                        KF[vb, vh, vr, vu, vp] > zero and vk < D,
+                        Vt[vb, key_row(L, N, d, vr, left, right, vu, vp), vh, T.min(vk, D - 1)], zero)
+            for t in range(L.tile_count(N, d, left, right, u)):
+                with T.sblock("S_tile"):
+                    for ii, cp, cl, k in T.grid(tt, L.slab_panels(left, right), v, D):
+                        with T.sblock("S"):
+                            vu, vb, vh, vr, vii, vcp, vcl, vk = T.axis.remap(
+                                "SSSSSSSR", [u, b, h, r, ii, cp, cl, k])
+                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
+                            with T.init():
+                                S[vb, vh, vr, vt, vii, vcp * v + vcl] = zero
+                            S[vb, vh, vr, vt, vii, vcp * v + vcl] = (
+                                S[vb, vh, vr, vt, vii, vcp * v + vcl]
+                                + Q[vb, L.query_row(N, d, vr, vt, vii), vh, vk]
+                                * KP[vb, vh, vr, vu, (vt - vu * L.unit_tiles(N, d, left, right)) * tm
+                                     + vcp, vk, vcl])
+                with T.sblock("max_part_tile"):
+                    for ii, cp, cl in T.grid(tt, L.slab_panels(left, right), v):
+                        with T.sblock("max_part"):
+                            vu, vb, vh, vr, vii, vcp, vcl = T.axis.remap("SSSSSRS", [u, b, h, r, ii, cp, cl])
+                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
+                            with T.init():
+                                MP[vb, vh, vr, vt, vii, vcl] = ninf
+                            MP[vb, vh, vr, vt, vii, vcl] = T.max(
+                                MP[vb, vh, vr, vt, vii, vcl],
+                                T.Select(
+                                    L.in_band(left, right, vii, vcp * v + vcl) and KF[
+                                        vb, vh, vr, vu, (vt - vu * L.unit_tiles(N, d, left, right)) * tt
+                                        + vcp * v + vcl] > zero,
+                                    S[vb, vh, vr, vt, vii, vcp * v + vcl] * T.cast(scale, dtype), ninf))
+                with T.sblock("max_tile"):
+                    for ii, cl in T.grid(tt, v):
+                        with T.sblock("max"):
+                            vu, vb, vh, vr, vii, vcl = T.axis.remap("SSSSSR", [u, b, h, r, ii, cl])
+                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
+                            with T.init():
+                                MX[vb, vh, vr, vt, vii] = ninf
+                            MX[vb, vh, vr, vt, vii] = T.max(MX[vb, vh, vr, vt, vii],
+                                                            MP[vb, vh, vr, vt, vii, vcl])
+                for ii, c in T.grid(tt, L.slab_cols(left, right)):
+                    with T.sblock("exp"):
+                        vu, vb, vh, vr, vii, vc = T.axis.remap("SSSSSS", [u, b, h, r, ii, c])
+                        vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
+                        P[vb, vh, vr, vt, vii, vc] = T.Select(
+                            L.in_band(left, right, vii, vc) and KF[
+                                vb, vh, vr, vu, (vt - vu * L.unit_tiles(N, d, left, right)) * tt + vc] > zero,
+                            fast_exp(S[vb, vh, vr, vt, vii, vc] * T.cast(scale, dtype)
+                                     - MX[vb, vh, vr, vt, vii], dtype), zero)
+                with T.sblock("sum_part_tile"):
+                    for ii, cp, cl in T.grid(tt, L.slab_panels(left, right), v):
+                        with T.sblock("sum_part"):
+                            vu, vb, vh, vr, vii, vcp, vcl = T.axis.remap("SSSSSRS", [u, b, h, r, ii, cp, cl])
+                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
+                            with T.init():
+                                SP[vb, vh, vr, vt, vii, vcl] = zero
+                            SP[vb, vh, vr, vt, vii, vcl] = (SP[vb, vh, vr, vt, vii, vcl]
+                                                            + P[vb, vh, vr, vt, vii, vcp * v + vcl])
+                with T.sblock("sum_tile"):
+                    for ii, cl in T.grid(tt, v):
+                        with T.sblock("sum"):
+                            vu, vb, vh, vr, vii, vcl = T.axis.remap("SSSSSR", [u, b, h, r, ii, cl])
+                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
+                            with T.init():
+                                SM[vb, vh, vr, vt, vii] = zero
+                            SM[vb, vh, vr, vt, vii] = SM[vb, vh, vr, vt, vii] + SP[vb, vh, vr, vt, vii, vcl]
+                with T.sblock("O_tile"):
+                    for ii, kk, c in T.grid(tt, packed_width(D, v), L.slab_cols(left, right)):
+                        with T.sblock("O"):
+                            vu, vb, vh, vr, vii, vkk, vc = T.axis.remap("SSSSSSR", [u, b, h, r, ii, kk, c])
+                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
+                            with T.init():
+                                OA[vb, vh, vr, vt, vii, vkk] = zero
+                            OA[vb, vh, vr, vt, vii, vkk] = (
+                                OA[vb, vh, vr, vt, vii, vkk] + P[vb, vh, vr, vt, vii, vc] * VP[
+                                    vb, vh, vr, vu, (vt - vu * L.unit_tiles(N, d, left, right)) * tt + vc,
+                                    vkk])
+                for ii, k in T.grid(tt, D):
+                    with T.sblock("out"):
+                        vu, vb, vh, vr, vii, vk = T.axis.remap("SSSSSS", [u, b, h, r, ii, k])
+                        vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
+                        T.where(L.query_ok(N, d, r, L.tile(N, d, left, right, u, t), ii))
+                        O[vb, L.query_row(N, d, vr, vt, vii), vh, vk] = T.Select(
+                            SM[vb, vh, vr, vt, vii] > zero,
+                            OA[vb, vh, vr, vt, vii, vk] * (one / SM[vb, vh, vr, vt, vii]), zero)
+                for ii in range(tt):
+                    with T.sblock("lse"):
+                        vu, vb, vh, vr, vii = T.axis.remap("SSSSS", [u, b, h, r, ii])
+                        vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
+                        T.where(L.query_ok(N, d, r, L.tile(N, d, left, right, u, t), ii))
+                        LS[vb, L.query_row(N, d, vr, vt, vii), vh] = T.Select(
+                            SM[vb, vh, vr, vt, vii] > zero,
+                            MX[vb, vh, vr, vt, vii] + T.log(SM[vb, vh, vr, vt, vii]), ninf)
+
+    return band_attention.with_attr("global_symbol", "band_attention")

@@ -1,0 +1,106 @@
+"""CPU schedules for the fused attention kernels (:mod:`.attention`, :mod:`.attention_grad`).
+
+As for the band products (:mod:`.schedules`), each schedule takes a :class:`tvm.s_tir.Schedule`
+and a ``knobs`` mapping; a knob left ``None`` is sampled from :data:`SPACE` with
+``sch.sample_categorical`` (the MetaSchedule tuning space) and every knob is recorded as a block
+annotation (``lftvm_knob_<name>``), so a tuned trace replays exactly on the symbolic function.
+
+Knobs of every GEMM (``<gemm>_rows`` x ``<gemm>_cols`` register block; cols counts V-lane panels
+or head-dim vectors):
+
+* forward: ``s`` (S = Q K^T, cols = key panels), ``o`` (O = P V, cols = head-dim vectors);
+* backward: ``s`` and ``dp`` (S and dP = dO V^T, key panels), ``dq`` (dQ = dS K, head-dim
+  vectors), ``dkv`` (dK += dS^T Q and dV += P^T dO, rows = slab keys, cols = head-dim vectors).
+
+The tile height (``tm``: tiles of ``V * tm`` query rows) shapes the formulation's buffers and is a
+build parameter of :func:`tvm_kernels.cpu.attention.make_attention` (:data:`TILE_TM`).
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir
+
+from .schedules import KNOB_PREFIX, _register_block
+
+#: Candidate values per knob. Rows must divide the tile height V * tm.
+SPACE = {
+    "attention": {"s_rows": [4, 8, 16], "s_cols": [1, 2], "o_rows": [4, 8], "o_cols": [1, 2, 4]},
+    "attention_grad": {"s_rows": [4, 8], "s_cols": [1, 2], "dp_rows": [4, 8], "dp_cols": [1, 2],
+                       "dq_rows": [4, 8], "dq_cols": [1, 2, 4], "dkv_rows": [4, 8],
+                       "dkv_cols": [1, 2, 4]},
+}
+
+#: Hand schedules by vector register file (32: AVX-512, 16: AVX2 / SSE).
+HAND = {
+    32: {"attention": {"s_rows": 8, "s_cols": 2, "o_rows": 4, "o_cols": 4},
+         "attention_grad": {"s_rows": 8, "s_cols": 2, "dp_rows": 8, "dp_cols": 2, "dq_rows": 4,
+                            "dq_cols": 4, "dkv_rows": 4, "dkv_cols": 4}},
+    16: {"attention": {"s_rows": 4, "s_cols": 2, "o_rows": 4, "o_cols": 2},
+         "attention_grad": {"s_rows": 4, "s_cols": 2, "dp_rows": 4, "dp_cols": 2, "dq_rows": 4,
+                            "dq_cols": 2, "dkv_rows": 4, "dkv_cols": 2}},
+}
+
+#: Tile height in vectors (tiles of V * TILE_TM rows), by dtype.
+TILE_TM = {"float32": 2, "float64": 4}
+
+
+def hand_knobs(product: str, isa: str) -> dict:
+    return dict(HAND[32 if isa == "avx512" else 16][product])
+
+
+def _knob(sch: s_tir.Schedule, product: str, knobs: dict, name: str, block):
+    value = knobs.get(name)
+    if value is None:
+        cands = SPACE[product][name]
+        value = sch.sample_categorical(candidates=cands, probs=[1.0 / len(cands)] * len(cands))
+    sch.annotate(block, KNOB_PREFIX + name, value)
+    return value
+
+
+def panel_gemm(sch, product, knobs, name: str, knob: str) -> None:
+    """A (rows, panels, lanes) x reduction GEMM -- loops (ii, cp, cl, k) -- as a rows x
+    (cols * V) register block, Q's entries broadcast, key panels loaded as vectors."""
+    block = sch.get_sblock(name)
+    ii, cp, cl, k = sch.get_loops(block)[-4:]
+    cpo, cpi = sch.split(cp, [None, _knob(sch, product, knobs, f"{knob}_cols", block)])
+    iio, iii = sch.split(ii, [None, _knob(sch, product, knobs, f"{knob}_rows", block)])
+    sch.reorder(cpo, iio, k, iii, cpi, cl)
+    _register_block(sch, block, None, iio, k, rows=iii, cols=cpi, lanes=cl)
+
+
+def row_gemm(sch, product, knobs, name: str, knob: str, v: int) -> None:
+    """A (rows, packed head dim) x reduction GEMM -- loops (ii, kk, c) -- as a rows x (cols * V)
+    register block, the left operand broadcast, the right one's rows loaded as vectors."""
+    block = sch.get_sblock(name)
+    ii, kk, c = sch.get_loops(block)[-3:]
+    ko, kv, kl = sch.split(kk, [None, _knob(sch, product, knobs, f"{knob}_cols", block), v])
+    iio, iii = sch.split(ii, [None, _knob(sch, product, knobs, f"{knob}_rows", block)])
+    sch.reorder(ko, iio, c, iii, kv, kl)
+    _register_block(sch, block, None, iio, c, rows=iii, cols=kv, lanes=kl)
+
+
+def lane_reduction(sch, name: str) -> None:
+    """A per-lane partial reduction (loops ii, cp, cl; cp reduced): vectorised over the lanes."""
+    block = sch.get_sblock(name)
+    sch.vectorize(sch.get_loops(block)[-1])
+    init = sch.decompose_reduction(block, sch.get_loops(block)[-2])
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
+def vector_rows(sch, name: str, v: int) -> None:
+    """An elementwise block over (..., c) with c a multiple of V: vectorised V at a time."""
+    block = sch.get_sblock(name)
+    _, inner = sch.split(sch.get_loops(block)[-1], [None, v])
+    sch.vectorize(inner)
+
+
+def schedule_attention(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
+    """Parallel over work units; the two GEMMs register-blocked, the softmax vectorised."""
+    sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("flag"))[:4]))
+    for name in ("max_part", "sum_part"):
+        lane_reduction(sch, name)
+    panel_gemm(sch, "attention", knobs, "S", "s")
+    row_gemm(sch, "attention", knobs, "O", "o", v)
+    vector_rows(sch, "exp", v)
+    vector_rows(sch, "pack_v", v)
+    sch.vectorize(sch.get_loops(sch.get_sblock("pack_k"))[-1])
