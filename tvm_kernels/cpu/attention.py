@@ -50,8 +50,8 @@ from ..band import ceil_div, rows_in_residue, tiles_per_residue
 
 #: Rows a work unit covers (at least ``left + right``, which the backward's two phases need).
 UNIT_ROWS = 512
-#: The tile's slab is rounded up to a multiple of this many panels (QK's microkernel may take 1 or 2).
-PANEL_ROUND = 2
+#: A tile's slab of keys is rounded up to a multiple of this (the key rows of a register block).
+SLAB_ROUND = 16
 #: Packed head dimension: a multiple of this many vectors (the PV microkernel's widest block).
 VEC_ROUND = 4
 ALIGN = 4
@@ -96,11 +96,8 @@ class Layout:
     def __init__(self, v: int, tm: int, unit_rows: int = UNIT_ROWS):
         self.v, self.tm, self.tt, self.unit_rows = v, tm, v * tm, unit_rows
 
-    def slab_panels(self, left, right):  # panels of a tile's slab
-        return ceil_div(self.tt + left + right, self.v * PANEL_ROUND) * PANEL_ROUND
-
-    def slab_cols(self, left, right):
-        return self.slab_panels(left, right) * self.v
+    def slab_cols(self, left, right):  # a tile's slab of keys, rounded up to SLAB_ROUND
+        return ceil_div(self.tt + left + right, SLAB_ROUND) * SLAB_ROUND
 
     def tiles(self, N, d):
         return tiles_per_residue(N, d, self.tt)
@@ -112,8 +109,11 @@ class Layout:
     def units(self, N, d, left, right):
         return ceil_div(self.tiles(N, d), self.unit_tiles(N, d, left, right))
 
-    def unit_panels(self, N, d, left, right):  # a unit's packed slab
-        return self.unit_tiles(N, d, left, right) * self.tm + self.slab_panels(left, right)
+    def unit_keys(self, N, d, left, right):  # a unit's packed slab of keys
+        return self.unit_tiles(N, d, left, right) * self.tt + self.slab_cols(left, right)
+
+    def slab_key(self, N, d, left, right, u, blk, c):  # unit u's packed key of tile blk's column c
+        return (blk - u * self.unit_tiles(N, d, left, right)) * self.tt + c
 
     def tile_count(self, N, d, left, right, u):  # tiles of unit u (the last may have fewer)
         ut = self.unit_tiles(N, d, left, right)
@@ -186,98 +186,82 @@ def make_attention(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_ROWS):
         Q, K, Vt, O = views((q_h, k_h, v_h, o_h), dtype, B, N, H, D)
         M = mask_view(m_h, B, N)
         LS = lse_view(l_h, dtype, B, N, H)
-        KF = T.sblock_alloc_buffer((B, H, d, L.units(N, d, left, right), L.unit_panels(N, d, left, right) * v), dtype)
-        KP = T.sblock_alloc_buffer((B, H, d, L.units(N, d, left, right), L.unit_panels(N, d, left, right), D, v), dtype)
-        VP = T.sblock_alloc_buffer((B, H, d, L.units(N, d, left, right), L.unit_panels(N, d, left, right) * v,
-                                    packed_width(D, v)), dtype)
+        ushape = (B, H, d, L.units(N, d, left, right), L.unit_keys(N, d, left, right))
+        KF = T.sblock_alloc_buffer(ushape, dtype)
+        KR = T.sblock_alloc_buffer(ushape + (packed_width(D, v),), dtype)
+        VR = T.sblock_alloc_buffer(ushape + (packed_width(D, v),), dtype)
         tshape = (B, H, d, L.tiles(N, d))
-        S = T.sblock_alloc_buffer(tshape + (tt, L.slab_cols(left, right)), dtype)
-        P = T.sblock_alloc_buffer(tshape + (tt, L.slab_cols(left, right)), dtype)
-        MP = T.sblock_alloc_buffer(tshape + (tt, v), dtype)
-        SP = T.sblock_alloc_buffer(tshape + (tt, v), dtype)
+        QT = T.sblock_alloc_buffer(tshape + (D, tt), dtype)
+        ST = T.sblock_alloc_buffer(tshape + (L.slab_cols(left, right), tt), dtype)
+        PT = T.sblock_alloc_buffer(tshape + (L.slab_cols(left, right), tt), dtype)
         MX = T.sblock_alloc_buffer(tshape + (tt,), dtype)
         SM = T.sblock_alloc_buffer(tshape + (tt,), dtype)
         OA = T.sblock_alloc_buffer(tshape + (tt, packed_width(D, v)), dtype)
         for u, b, h, r in T.grid(L.units(N, d, left, right), B, H, d):
-            for pp in range(L.unit_panels(N, d, left, right) * v):
+            for pp in range(L.unit_keys(N, d, left, right)):
                 with T.sblock("flag"):
                     vu, vb, vh, vr, vp = T.axis.remap("SSSSS", [u, b, h, r, pp])
                     KF[vb, vh, vr, vu, vp] = key_flag(L, M, N, d, vr, left, right, vb, vu, vp, dtype)
-            for p, k, pi in T.grid(L.unit_panels(N, d, left, right), D, v):
-                with T.sblock("pack_k"):
-                    vu, vb, vh, vr, vp, vk, vpi = T.axis.remap("SSSSSSS", [u, b, h, r, p, k, pi])
-                    KP[vb, vh, vr, vu, vp, vk, vpi] = T.Select(
-                        KF[vb, vh, vr, vu, vp * v + vpi] > zero,
-                        K[vb, key_row(L, N, d, vr, left, right, vu, vp * v + vpi), vh, vk], zero)
-            for pp, k in T.grid(L.unit_panels(N, d, left, right) * v, packed_width(D, v)):
-                with T.sblock("pack_v"):
-                    vu, vb, vh, vr, vp, vk = T.axis.remap("SSSSSS", [u, b, h, r, pp, k])
-                    VP[vb, vh, vr, vu, vp, vk] = T.Select(
-                        KF[vb, vh, vr, vu, vp] > zero and vk < D,
-                        Vt[vb, key_row(L, N, d, vr, left, right, vu, vp), vh, T.min(vk, D - 1)], zero)
+            for pp in range(L.unit_keys(N, d, left, right)):
+                for k in range(D):
+                    with T.sblock("pack"):
+                        vu, vb, vh, vr, vp, vk = T.axis.remap("SSSSSS", [u, b, h, r, pp, k])
+                        KR[vb, vh, vr, vu, vp, vk] = T.Select(
+                            KF[vb, vh, vr, vu, vp] > zero,
+                            K[vb, key_row(L, N, d, vr, left, right, vu, vp), vh, vk], zero)
+                        VR[vb, vh, vr, vu, vp, vk] = T.Select(
+                            KF[vb, vh, vr, vu, vp] > zero,
+                            Vt[vb, key_row(L, N, d, vr, left, right, vu, vp), vh, vk], zero)
+                for k in range(packed_width(D, v) - D):
+                    with T.sblock("pack_pad"):
+                        vu, vb, vh, vr, vp = T.axis.remap("SSSSS", [u, b, h, r, pp])
+                        vk = T.axis.spatial(packed_width(D, v), D + k)
+                        KR[vb, vh, vr, vu, vp, vk] = zero
+                        VR[vb, vh, vr, vu, vp, vk] = zero
             for t in range(L.tile_count(N, d, left, right, u)):
+                for k, ii in T.grid(D, tt):
+                    with T.sblock("q_tile"):
+                        vu, vb, vh, vr, vk, vii = T.axis.remap("SSSSSS", [u, b, h, r, k, ii])
+                        vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
+                        QT[vb, vh, vr, vt, vk, vii] = Q[vb, L.query_row(N, d, vr, vt, vii), vh, vk]
                 with T.sblock("S_tile"):
-                    for ii, cp, cl, k in T.grid(tt, L.slab_panels(left, right), v, D):
+                    for c, ii, k in T.grid(L.slab_cols(left, right), tt, D):
                         with T.sblock("S"):
-                            vu, vb, vh, vr, vii, vcp, vcl, vk = T.axis.remap(
-                                "SSSSSSSR", [u, b, h, r, ii, cp, cl, k])
+                            vu, vb, vh, vr, vc, vii, vk = T.axis.remap("SSSSSSR", [u, b, h, r, c, ii, k])
                             vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
                             with T.init():
-                                S[vb, vh, vr, vt, vii, vcp * v + vcl] = zero
-                            S[vb, vh, vr, vt, vii, vcp * v + vcl] = (
-                                S[vb, vh, vr, vt, vii, vcp * v + vcl]
-                                + Q[vb, L.query_row(N, d, vr, vt, vii), vh, vk]
-                                * KP[vb, vh, vr, vu, (vt - vu * L.unit_tiles(N, d, left, right)) * tm
-                                     + vcp, vk, vcl])
-                with T.sblock("max_part_tile"):
-                    for ii, cp, cl in T.grid(tt, L.slab_panels(left, right), v):
-                        with T.sblock("max_part"):
-                            vu, vb, vh, vr, vii, vcp, vcl = T.axis.remap("SSSSSRS", [u, b, h, r, ii, cp, cl])
-                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
-                            with T.init():
-                                MP[vb, vh, vr, vt, vii, vcl] = ninf
-                            MP[vb, vh, vr, vt, vii, vcl] = T.max(
-                                MP[vb, vh, vr, vt, vii, vcl],
-                                T.Select(
-                                    L.in_band(left, right, vii, vcp * v + vcl) and KF[
-                                        vb, vh, vr, vu, (vt - vu * L.unit_tiles(N, d, left, right)) * tt
-                                        + vcp * v + vcl] > zero,
-                                    S[vb, vh, vr, vt, vii, vcp * v + vcl] * T.cast(scale, dtype), ninf))
+                                ST[vb, vh, vr, vt, vc, vii] = zero
+                            ST[vb, vh, vr, vt, vc, vii] = ST[vb, vh, vr, vt, vc, vii] + KR[
+                                vb, vh, vr, vu, L.slab_key(N, d, left, right, vu, vt, vc), vk
+                            ] * QT[vb, vh, vr, vt, vk, vii]
                 with T.sblock("max_tile"):
-                    for ii, cl in T.grid(tt, v):
+                    for c, ii in T.grid(L.slab_cols(left, right), tt):
                         with T.sblock("max"):
-                            vu, vb, vh, vr, vii, vcl = T.axis.remap("SSSSSR", [u, b, h, r, ii, cl])
+                            vu, vb, vh, vr, vc, vii = T.axis.remap("SSSSRS", [u, b, h, r, c, ii])
                             vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
                             with T.init():
                                 MX[vb, vh, vr, vt, vii] = ninf
-                            MX[vb, vh, vr, vt, vii] = T.max(MX[vb, vh, vr, vt, vii],
-                                                            MP[vb, vh, vr, vt, vii, vcl])
-                for ii, c in T.grid(tt, L.slab_cols(left, right)):
+                            MX[vb, vh, vr, vt, vii] = T.max(MX[vb, vh, vr, vt, vii], T.Select(
+                                L.in_band(left, right, vii, vc) and KF[
+                                    vb, vh, vr, vu, L.slab_key(N, d, left, right, vu, vt, vc)] > zero,
+                                ST[vb, vh, vr, vt, vc, vii] * T.cast(scale, dtype), ninf))
+                for c, ii in T.grid(L.slab_cols(left, right), tt):
                     with T.sblock("exp"):
-                        vu, vb, vh, vr, vii, vc = T.axis.remap("SSSSSS", [u, b, h, r, ii, c])
+                        vu, vb, vh, vr, vc, vii = T.axis.remap("SSSSSS", [u, b, h, r, c, ii])
                         vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
-                        P[vb, vh, vr, vt, vii, vc] = T.Select(
+                        PT[vb, vh, vr, vt, vc, vii] = T.Select(
                             L.in_band(left, right, vii, vc) and KF[
-                                vb, vh, vr, vu, (vt - vu * L.unit_tiles(N, d, left, right)) * tt + vc] > zero,
-                            fast_exp(S[vb, vh, vr, vt, vii, vc] * T.cast(scale, dtype)
+                                vb, vh, vr, vu, L.slab_key(N, d, left, right, vu, vt, vc)] > zero,
+                            fast_exp(ST[vb, vh, vr, vt, vc, vii] * T.cast(scale, dtype)
                                      - MX[vb, vh, vr, vt, vii], dtype), zero)
-                with T.sblock("sum_part_tile"):
-                    for ii, cp, cl in T.grid(tt, L.slab_panels(left, right), v):
-                        with T.sblock("sum_part"):
-                            vu, vb, vh, vr, vii, vcp, vcl = T.axis.remap("SSSSSRS", [u, b, h, r, ii, cp, cl])
-                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
-                            with T.init():
-                                SP[vb, vh, vr, vt, vii, vcl] = zero
-                            SP[vb, vh, vr, vt, vii, vcl] = (SP[vb, vh, vr, vt, vii, vcl]
-                                                            + P[vb, vh, vr, vt, vii, vcp * v + vcl])
                 with T.sblock("sum_tile"):
-                    for ii, cl in T.grid(tt, v):
+                    for c, ii in T.grid(L.slab_cols(left, right), tt):
                         with T.sblock("sum"):
-                            vu, vb, vh, vr, vii, vcl = T.axis.remap("SSSSSR", [u, b, h, r, ii, cl])
+                            vu, vb, vh, vr, vc, vii = T.axis.remap("SSSSRS", [u, b, h, r, c, ii])
                             vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
                             with T.init():
                                 SM[vb, vh, vr, vt, vii] = zero
-                            SM[vb, vh, vr, vt, vii] = SM[vb, vh, vr, vt, vii] + SP[vb, vh, vr, vt, vii, vcl]
+                            SM[vb, vh, vr, vt, vii] = SM[vb, vh, vr, vt, vii] + PT[vb, vh, vr, vt, vc, vii]
                 with T.sblock("O_tile"):
                     for ii, kk, c in T.grid(tt, packed_width(D, v), L.slab_cols(left, right)):
                         with T.sblock("O"):
@@ -285,10 +269,9 @@ def make_attention(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_ROWS):
                             vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
                             with T.init():
                                 OA[vb, vh, vr, vt, vii, vkk] = zero
-                            OA[vb, vh, vr, vt, vii, vkk] = (
-                                OA[vb, vh, vr, vt, vii, vkk] + P[vb, vh, vr, vt, vii, vc] * VP[
-                                    vb, vh, vr, vu, (vt - vu * L.unit_tiles(N, d, left, right)) * tt + vc,
-                                    vkk])
+                            OA[vb, vh, vr, vt, vii, vkk] = OA[vb, vh, vr, vt, vii, vkk] + PT[
+                                vb, vh, vr, vt, vc, vii
+                            ] * VR[vb, vh, vr, vu, L.slab_key(N, d, left, right, vu, vt, vc), vkk]
                 for ii, k in T.grid(tt, D):
                     with T.sblock("out"):
                         vu, vb, vh, vr, vii, vk = T.axis.remap("SSSSSS", [u, b, h, r, ii, k])

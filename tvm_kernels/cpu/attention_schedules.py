@@ -24,7 +24,7 @@ from .schedules import KNOB_PREFIX, _register_block
 
 #: Candidate values per knob. Rows must divide the tile height V * tm.
 SPACE = {
-    "attention": {"s_rows": [4, 8, 16], "s_cols": [1, 2], "o_rows": [4, 8], "o_cols": [1, 2, 4]},
+    "attention": {"s_rows": [4, 8, 12, 16], "o_rows": [4, 8], "o_cols": [1, 2, 4]},
     "attention_grad": {"s_rows": [4, 8], "s_cols": [1, 2], "dp_rows": [4, 8], "dp_cols": [1, 2],
                        "dq_rows": [4, 8], "dq_cols": [1, 2, 4], "dkv_rows": [4, 8],
                        "dkv_cols": [1, 2, 4]},
@@ -32,10 +32,10 @@ SPACE = {
 
 #: Hand schedules by vector register file (32: AVX-512, 16: AVX2 / SSE).
 HAND = {
-    32: {"attention": {"s_rows": 8, "s_cols": 2, "o_rows": 4, "o_cols": 4},
+    32: {"attention": {"s_rows": 8, "o_rows": 4, "o_cols": 4},
          "attention_grad": {"s_rows": 8, "s_cols": 2, "dp_rows": 8, "dp_cols": 2, "dq_rows": 4,
                             "dq_cols": 4, "dkv_rows": 4, "dkv_cols": 4}},
-    16: {"attention": {"s_rows": 4, "s_cols": 2, "o_rows": 4, "o_cols": 2},
+    16: {"attention": {"s_rows": 4, "o_rows": 4, "o_cols": 2},
          "attention_grad": {"s_rows": 4, "s_cols": 2, "dp_rows": 4, "dp_cols": 2, "dq_rows": 4,
                             "dq_cols": 2, "dkv_rows": 4, "dkv_cols": 2}},
 }
@@ -57,15 +57,16 @@ def _knob(sch: s_tir.Schedule, product: str, knobs: dict, name: str, block):
     return value
 
 
-def panel_gemm(sch, product, knobs, name: str, knob: str) -> None:
-    """A (rows, panels, lanes) x reduction GEMM -- loops (ii, cp, cl, k) -- as a rows x
-    (cols * V) register block, Q's entries broadcast, key panels loaded as vectors."""
+def key_gemm(sch, product, knobs, name: str, knob: str, v: int) -> None:
+    """A (slab keys, tile rows) x reduction GEMM -- loops (c, ii, k) -- as a rows x tile register
+    block: ``rows`` keys by the tile's TT / V vectors of query rows; the keys' entries broadcast,
+    the transposed tile's rows loaded as vectors."""
     block = sch.get_sblock(name)
-    ii, cp, cl, k = sch.get_loops(block)[-4:]
-    cpo, cpi = sch.split(cp, [None, _knob(sch, product, knobs, f"{knob}_cols", block)])
-    iio, iii = sch.split(ii, [None, _knob(sch, product, knobs, f"{knob}_rows", block)])
-    sch.reorder(cpo, iio, k, iii, cpi, cl)
-    _register_block(sch, block, None, iio, k, rows=iii, cols=cpi, lanes=cl)
+    c, ii, k = sch.get_loops(block)[-3:]
+    co, ci = sch.split(c, [None, _knob(sch, product, knobs, f"{knob}_rows", block)])
+    iv, il = sch.split(ii, [None, v])
+    sch.reorder(co, k, ci, iv, il)
+    _register_block(sch, block, None, co, k, rows=ci, cols=iv, lanes=il)
 
 
 def row_gemm(sch, product, knobs, name: str, knob: str, v: int) -> None:
@@ -79,28 +80,27 @@ def row_gemm(sch, product, knobs, name: str, knob: str, v: int) -> None:
     _register_block(sch, block, None, iio, c, rows=iii, cols=kv, lanes=kl)
 
 
-def lane_reduction(sch, name: str) -> None:
-    """A per-lane partial reduction (loops ii, cp, cl; cp reduced): vectorised over the lanes."""
+def tile_reduction(sch, name: str) -> None:
+    """A reduction over slab keys per tile row (loops c, ii; c reduced): vectorised over rows."""
     block = sch.get_sblock(name)
     sch.vectorize(sch.get_loops(block)[-1])
     init = sch.decompose_reduction(block, sch.get_loops(block)[-2])
     sch.vectorize(sch.get_loops(init)[-1])
 
 
-def vector_rows(sch, name: str, v: int) -> None:
-    """An elementwise block over (..., c) with c a multiple of V: vectorised V at a time."""
+def vectorize_last(sch, name: str, v: int) -> None:
+    """An elementwise block whose last loop is a multiple of V: vectorised V at a time."""
     block = sch.get_sblock(name)
     _, inner = sch.split(sch.get_loops(block)[-1], [None, v])
     sch.vectorize(inner)
 
 
 def schedule_attention(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
-    """Parallel over work units; the two GEMMs register-blocked, the softmax vectorised."""
+    """Parallel over work units; the two GEMMs register-blocked, the softmax vectorised over the
+    tile's rows."""
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("flag"))[:4]))
-    for name in ("max_part", "sum_part"):
-        lane_reduction(sch, name)
-    panel_gemm(sch, "attention", knobs, "S", "s")
+    for name in ("max", "sum"):
+        tile_reduction(sch, name)
+    key_gemm(sch, "attention", knobs, "S", "s", v)
     row_gemm(sch, "attention", knobs, "O", "o", v)
-    vector_rows(sch, "exp", v)
-    vector_rows(sch, "pack_v", v)
-    sch.vectorize(sch.get_loops(sch.get_sblock("pack_k"))[-1])
+    vectorize_last(sch, "exp", v)
