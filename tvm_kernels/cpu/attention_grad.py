@@ -1,0 +1,260 @@
+"""Fused sliding-window attention, backward (TIR), in the FlashAttention-2 manner.
+
+Inputs are the forward's (q, k, v, key_mask), its results (out, lse) and ``dout``; outputs dq, dk,
+dv. Per tile of ``TT`` query rows (the layout of :mod:`.attention`: residues, work units, slabs),
+with the tile's slab keys ``c``::
+
+    S^T  = K_slab Q_tile^T                      (slab x TT, kept transposed as in the forward)
+    P^T  = [c in row's band and valid] exp(scale S^T - lse)
+    dP^T = V_slab dO_tile^T
+    dS^T = P^T * (dP^T - Delta),  Delta = rowsum(dO * O)
+    dQ_tile  = scale dS K_slab                  (written once: a query row lies in one tile)
+    dK_slab += scale dS^T Q_tile,  dV_slab += P^T dO_tile
+
+No (N, C) tensor exists: S, P, dP, dS live per tile in a small buffer. **Parallel without
+atomics**: a work unit (a run of tiles of one batch, head and residue) accumulates dK and dV of
+its slab -- its rows plus ``left`` keys before and ``right`` after -- in its own buffer, then
+adds that buffer into dk, dv. Units cover at least ``left + right`` rows
+(:meth:`.attention.Layout.unit_tiles`), so the slabs of units ``u`` and ``u + 2`` never overlap:
+the even units run in parallel first, then the odd ones, and no two concurrent units write the
+same key row. dk and dv are zeroed first (the kernel takes uninitialised outputs). Accumulation
+is in the dtype (float32 for float32).
+
+Signature (``lse`` as the forward returned it, in the inputs' dtype)::
+
+    band_attention_backward(q, k, v, key_mask[B,N] uint8, out, dout, lse[B,N,H],
+                            dq, dk, dv, left: int64, right: int64, dilation: int64,
+                            scale: float64)
+
+All (B, N, H, D) tensors with any strides and a unit last stride.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from ..band import ceil_div, rows_in_residue
+from .attention import (UNIT_ROWS, Layout, fast_exp, key_flag, key_row, lse_view, mask_view,
+                        packed_width, views)
+
+
+def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_ROWS):
+    """The backward kernel; ``v`` vector lanes, tiles of ``v * tm`` query rows."""
+    L = Layout(v, tm, unit_rows)
+    tt = L.tt
+    zero = T.cast(0, dtype)
+
+    def per_phase(N, d, left, right, ph):  # units of one parity
+        return ceil_div(L.units(N, d, left, right) - ph, 2)
+
+    def items(B, N, H, d, left, right, ph):  # parallel items of a phase: (unit, b, h, r)
+        return per_phase(N, d, left, right, ph) * B * H * d
+
+    def ub(B, H, d, f):
+        return f // (H * d) % B
+
+    def uh(H, d, f):
+        return f // d % H
+
+    def uu(B, H, d, f, ph):
+        return 2 * (f // (B * H * d)) + ph
+
+    def inside(N, d, r, left, right, u, pp):  # unit u's packed key pp lies in the sequence
+        pos = L.key_pos(N, d, left, right, u, pp)
+        return tirx.all(pos >= 0, pos < rows_in_residue(N, d, r))
+
+    @T.prim_func(s_tir=True)
+    def band_attention_backward(q_h: T.handle, k_h: T.handle, v_h: T.handle, m_h: T.handle,
+                                o_h: T.handle, do_h: T.handle, l_h: T.handle, dq_h: T.handle,
+                                dk_h: T.handle, dv_h: T.handle, left: T.int64, right: T.int64,
+                                d: T.int64, scale: T.float64):
+        T.func_attr({"tirx.noalias": True})
+        B, N, H, D = T.int64(), T.int64(), T.int64(), T.int64()
+        Q, K, Vt, O, DO, DQ, DK, DV = views((q_h, k_h, v_h, o_h, do_h, dq_h, dk_h, dv_h), dtype,
+                                            B, N, H, D)
+        M = mask_view(m_h, B, N)
+        LS = lse_view(l_h, dtype, B, N, H)
+        KF = T.sblock_alloc_buffer((2, L.units(N, d, left, right) * B * H * d, L.unit_keys(N, d, left, right)), dtype)
+        KR = T.sblock_alloc_buffer((2, L.units(N, d, left, right) * B * H * d, L.unit_keys(N, d, left, right), packed_width(D, v)), dtype)
+        VR = T.sblock_alloc_buffer((2, L.units(N, d, left, right) * B * H * d, L.unit_keys(N, d, left, right), packed_width(D, v)), dtype)
+        DKA = T.sblock_alloc_buffer((2, L.units(N, d, left, right) * B * H * d, L.unit_keys(N, d, left, right), packed_width(D, v)), dtype)
+        DVA = T.sblock_alloc_buffer((2, L.units(N, d, left, right) * B * H * d, L.unit_keys(N, d, left, right), packed_width(D, v)), dtype)
+        tshape = (2, L.units(N, d, left, right) * B * H * d, L.tiles(N, d))
+        QT = T.sblock_alloc_buffer(tshape + (D, tt), dtype)
+        DOT = T.sblock_alloc_buffer(tshape + (D, tt), dtype)
+        QR = T.sblock_alloc_buffer(tshape + (tt, packed_width(D, v)), dtype)
+        DOR = T.sblock_alloc_buffer(tshape + (tt, packed_width(D, v)), dtype)
+        LT = T.sblock_alloc_buffer(tshape + (tt,), dtype)
+        DL = T.sblock_alloc_buffer(tshape + (tt,), dtype)
+        ST = T.sblock_alloc_buffer(tshape + (L.slab_cols(left, right), tt), dtype)
+        PT = T.sblock_alloc_buffer(tshape + (L.slab_cols(left, right), tt), dtype)
+        DPT = T.sblock_alloc_buffer(tshape + (L.slab_cols(left, right), tt), dtype)
+        DST = T.sblock_alloc_buffer(tshape + (L.slab_cols(left, right), tt), dtype)
+        DQA = T.sblock_alloc_buffer(tshape + (tt, packed_width(D, v)), dtype)
+        TK = T.sblock_alloc_buffer(tshape + (L.slab_cols(left, right), packed_width(D, v)), dtype)
+        TV = T.sblock_alloc_buffer(tshape + (L.slab_cols(left, right), packed_width(D, v)), dtype)
+        for f in T.parallel(B * N):
+            for h, k in T.grid(H, D):
+                with T.sblock("zero"):
+                    vf, vh, vk = T.axis.remap("SSS", [f, h, k])
+                    DK[vf // N, vf % N, vh, vk] = zero
+                    DV[vf // N, vf % N, vh, vk] = zero
+        for ph in range(2):
+            for f in T.parallel(items(B, N, H, d, left, right, ph)):
+                for pp in range(L.unit_keys(N, d, left, right)):
+                    with T.sblock("flag"):
+                        vph, vf, vp = T.axis.remap("SSS", [ph, f, pp])
+                        KF[vph, vf, vp] = key_flag(L, M, N, d, vf % d, left, right, ub(B, H, d, vf),
+                                                   uu(B, H, d, vf, vph), vp, dtype)
+                    for k in range(packed_width(D, v)):
+                        with T.sblock("zero_acc"):
+                            vph, vf, vp, vk = T.axis.remap("SSSS", [ph, f, pp, k])
+                            DKA[vph, vf, vp, vk] = zero
+                            DVA[vph, vf, vp, vk] = zero
+                    for k in range(packed_width(D, v)):
+                        with T.sblock("pack"):
+                            vph, vf, vp, vk = T.axis.remap("SSSS", [ph, f, pp, k])
+                            KR[vph, vf, vp, vk] = T.Select(KF[vph, vf, vp] > zero and vk < D, K[
+                                ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right,
+                                                         uu(B, H, d, vf, vph), vp),
+                                uh(H, d, vf), T.min(vk, D - 1)], zero)
+                            VR[vph, vf, vp, vk] = T.Select(KF[vph, vf, vp] > zero and vk < D, Vt[
+                                ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right,
+                                                         uu(B, H, d, vf, vph), vp),
+                                uh(H, d, vf), T.min(vk, D - 1)], zero)
+                for t in range(L.tile_count(N, d, left, right, uu(B, H, d, f, ph))):
+                    for ii, k in T.grid(tt, packed_width(D, v)):
+                        with T.sblock("rows"):
+                            vph, vf, vii, vk = T.axis.remap("SSSS", [ph, f, ii, k])
+                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
+                                                                      uu(B, H, d, f, ph), t))
+                            QR[vph, vf, vt, vii, vk] = T.Select(vk < D and L.query_ok(N, d, vf % d, vt, vii), Q[
+                                ub(B, H, d, vf), L.query_row(N, d, vf % d, vt, vii), uh(H, d, vf),
+                                T.min(vk, D - 1)], zero)
+                            DOR[vph, vf, vt, vii, vk] = T.Select(vk < D and L.query_ok(N, d, vf % d, vt, vii), DO[
+                                ub(B, H, d, vf), L.query_row(N, d, vf % d, vt, vii), uh(H, d, vf),
+                                T.min(vk, D - 1)], zero)
+                    for k, ii in T.grid(D, tt):
+                        with T.sblock("cols"):
+                            vph, vf, vk, vii = T.axis.remap("SSSS", [ph, f, k, ii])
+                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
+                                                                      uu(B, H, d, f, ph), t))
+                            QT[vph, vf, vt, vk, vii] = QR[vph, vf, vt, vii, vk]
+                            DOT[vph, vf, vt, vk, vii] = DOR[vph, vf, vt, vii, vk]
+                    with T.sblock("delta_tile"):
+                        for ii, k in T.grid(tt, D):
+                            with T.sblock("delta"):
+                                vph, vf, vii, vk = T.axis.remap("SSSR", [ph, f, ii, k])
+                                vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
+                                                                          uu(B, H, d, f, ph), t))
+                                with T.init():
+                                    DL[vph, vf, vt, vii] = zero
+                                DL[vph, vf, vt, vii] = DL[vph, vf, vt, vii] + DOR[
+                                    vph, vf, vt, vii, vk] * O[ub(B, H, d, vf), L.query_row(
+                                        N, d, vf % d, vt, vii), uh(H, d, vf), vk]
+                    for ii in range(tt):
+                        with T.sblock("lse"):
+                            vph, vf, vii = T.axis.remap("SSS", [ph, f, ii])
+                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
+                                                                      uu(B, H, d, f, ph), t))
+                            LT[vph, vf, vt, vii] = LS[ub(B, H, d, vf), L.query_row(
+                                N, d, vf % d, vt, vii), uh(H, d, vf)]
+                    with T.sblock("S_tile"):
+                        for c, ii, k in T.grid(L.slab_cols(left, right), tt, D):
+                            with T.sblock("S"):
+                                vph, vf, vc, vii, vk = T.axis.remap("SSSSR", [ph, f, c, ii, k])
+                                vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
+                                                                          uu(B, H, d, f, ph), t))
+                                with T.init():
+                                    ST[vph, vf, vt, vc, vii] = zero
+                                ST[vph, vf, vt, vc, vii] = ST[vph, vf, vt, vc, vii] + KR[
+                                    vph, vf, L.slab_key(N, d, left, right, uu(B, H, d, vf, vph), vt, vc),
+                                    vk] * QT[vph, vf, vt, vk, vii]
+                    with T.sblock("dP_tile"):
+                        for c, ii, k in T.grid(L.slab_cols(left, right), tt, D):
+                            with T.sblock("dP"):
+                                vph, vf, vc, vii, vk = T.axis.remap("SSSSR", [ph, f, c, ii, k])
+                                vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
+                                                                          uu(B, H, d, f, ph), t))
+                                with T.init():
+                                    DPT[vph, vf, vt, vc, vii] = zero
+                                DPT[vph, vf, vt, vc, vii] = DPT[vph, vf, vt, vc, vii] + VR[
+                                    vph, vf, L.slab_key(N, d, left, right, uu(B, H, d, vf, vph), vt, vc),
+                                    vk] * DOT[vph, vf, vt, vk, vii]
+                    for c, ii in T.grid(L.slab_cols(left, right), tt):
+                        with T.sblock("dS"):
+                            vph, vf, vc, vii = T.axis.remap("SSSS", [ph, f, c, ii])
+                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
+                                                                      uu(B, H, d, f, ph), t))
+                            PT[vph, vf, vt, vc, vii] = T.Select(
+                                L.in_band(left, right, vii, vc) and KF[vph, vf, L.slab_key(
+                                    N, d, left, right, uu(B, H, d, vf, vph), vt, vc)] > zero,
+                                fast_exp(ST[vph, vf, vt, vc, vii] * T.cast(scale, dtype)
+                                         - LT[vph, vf, vt, vii], dtype), zero)
+                            DST[vph, vf, vt, vc, vii] = PT[vph, vf, vt, vc, vii] * (
+                                DPT[vph, vf, vt, vc, vii] - DL[vph, vf, vt, vii])
+                    with T.sblock("dQ_tile"):
+                        for ii, kk, c in T.grid(tt, packed_width(D, v), L.slab_cols(left, right)):
+                            with T.sblock("dQ"):
+                                vph, vf, vii, vkk, vc = T.axis.remap("SSSSR", [ph, f, ii, kk, c])
+                                vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
+                                                                          uu(B, H, d, f, ph), t))
+                                with T.init():
+                                    DQA[vph, vf, vt, vii, vkk] = zero
+                                DQA[vph, vf, vt, vii, vkk] = DQA[vph, vf, vt, vii, vkk] + DST[
+                                    vph, vf, vt, vc, vii] * KR[vph, vf, L.slab_key(
+                                        N, d, left, right, uu(B, H, d, vf, vph), vt, vc), vkk]
+                    for ii, k in T.grid(tt, D):
+                        with T.sblock("dq_out"):
+                            vph, vf, vii, vk = T.axis.remap("SSSS", [ph, f, ii, k])
+                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
+                                                                      uu(B, H, d, f, ph), t))
+                            T.where(L.query_ok(N, d, f % d, L.tile(N, d, left, right,
+                                                                    uu(B, H, d, f, ph), t), ii))
+                            DQ[ub(B, H, d, vf), L.query_row(N, d, vf % d, vt, vii), uh(H, d, vf),
+                               vk] = DQA[vph, vf, vt, vii, vk] * T.cast(scale, dtype)
+                    with T.sblock("dK_tile"):
+                        for c, kk, ii in T.grid(L.slab_cols(left, right), packed_width(D, v), tt):
+                            with T.sblock("dK"):
+                                vph, vf, vc, vkk, vii = T.axis.remap("SSSSR", [ph, f, c, kk, ii])
+                                vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
+                                                                          uu(B, H, d, f, ph), t))
+                                with T.init():
+                                    TK[vph, vf, vt, vc, vkk] = zero
+                                TK[vph, vf, vt, vc, vkk] = TK[vph, vf, vt, vc, vkk] + DST[
+                                    vph, vf, vt, vc, vii] * QR[vph, vf, vt, vii, vkk]
+                    with T.sblock("dV_tile"):
+                        for c, kk, ii in T.grid(L.slab_cols(left, right), packed_width(D, v), tt):
+                            with T.sblock("dV"):
+                                vph, vf, vc, vkk, vii = T.axis.remap("SSSSR", [ph, f, c, kk, ii])
+                                vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
+                                                                          uu(B, H, d, f, ph), t))
+                                with T.init():
+                                    TV[vph, vf, vt, vc, vkk] = zero
+                                TV[vph, vf, vt, vc, vkk] = TV[vph, vf, vt, vc, vkk] + PT[
+                                    vph, vf, vt, vc, vii] * DOR[vph, vf, vt, vii, vkk]
+                    for c, kk in T.grid(L.slab_cols(left, right), packed_width(D, v)):
+                        with T.sblock("acc"):
+                            vph, vf, vc, vkk = T.axis.remap("SSSS", [ph, f, c, kk])
+                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
+                                                                      uu(B, H, d, f, ph), t))
+                            vp = T.axis.spatial(L.unit_keys(N, d, left, right), t * tt + c)
+                            DKA[vph, vf, vp, vkk] = DKA[vph, vf, vp, vkk] + TK[vph, vf, vt, vc, vkk]
+                            DVA[vph, vf, vp, vkk] = DVA[vph, vf, vp, vkk] + TV[vph, vf, vt, vc, vkk]
+                for pp, k in T.grid(L.unit_keys(N, d, left, right), D):
+                    with T.sblock("dkv_out"):
+                        vph, vf, vp, vk = T.axis.remap("SSSS", [ph, f, pp, k])
+                        T.where(inside(N, d, f % d, left, right, uu(B, H, d, f, ph), pp))
+                        DK[ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right, uu(B, H, d, vf, vph),
+                                                    vp), uh(H, d, vf), vk] = DK[
+                            ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right,
+                                                     uu(B, H, d, vf, vph), vp), uh(H, d, vf), vk
+                        ] + DKA[vph, vf, vp, vk] * T.cast(scale, dtype)
+                        DV[ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right, uu(B, H, d, vf, vph),
+                                                    vp), uh(H, d, vf), vk] = DV[
+                            ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right,
+                                                     uu(B, H, d, vf, vph), vp), uh(H, d, vf), vk
+                        ] + DVA[vph, vf, vp, vk]
+
+    return band_attention_backward.with_attr("global_symbol", "band_attention_backward")
