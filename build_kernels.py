@@ -90,7 +90,7 @@ def cmd_build(args) -> int:
         return cuda_build.main(args)
     from longformer_tvm._contract import DTYPES
     from tvm_kernels.cpu import build as cpu_build
-    from tvm_kernels.cpu import tune
+    from tvm_kernels.cpu import attention_schedules, tune
 
     dtypes = _csv(args.dtype) if args.dtype else list(DTYPES["cpu"])
     bad = [d for d in dtypes if d not in DTYPES["cpu"]]
@@ -105,7 +105,9 @@ def cmd_build(args) -> int:
             traces = tune.load_traces(isa, dtype, Path(args.db))
         name = "naive" if args.schedule == "naive" else " ".join(
             f"{p}:{'tuned' if p in traces else 'hand'}{tune.knobs_of(p, isa, traces.get(p))}"
-            for p in ("qk", "pv", "tpv"))
+            for p in ("qk", "pv", "tpv")) + " " + " ".join(
+            f"{p}:hand{attention_schedules.hand_knobs(k, isa)}"
+            for p, k in (("attention", "attention"), ("attention_backward", "attention_grad")))
         schedule = "naive" if args.schedule == "naive" else "hand"
         entry = cpu_build.build_cpu(dtype, isa, out, schedule=schedule, traces=traces,
                                     schedule_name=name)

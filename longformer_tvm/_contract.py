@@ -23,14 +23,33 @@ from pathlib import Path
 
 # ---- products -------------------------------------------------------------------------------
 
-#: product -> the symbol of its compiled function (one library holds all three per dtype).
+#: The band products: product -> the symbol of its compiled function. Every device's library
+#: holds all three (one library per dtype and ISA level or architecture set).
 PRODUCTS = {"qk": "band_qk", "pv": "band_pv", "tpv": "band_pv_transposed"}
+#: The fused sliding-window attention (forward, and backward from the forward's LSE): in the CPU
+#: libraries only (tvm_kernels/cpu/attention.py, attention_grad.py).
+FUSED_PRODUCTS = {"attention": "band_attention", "attention_backward": "band_attention_backward"}
+#: device -> the products its libraries hold (a manifest entry must name each one's symbol).
+DEVICE_PRODUCTS = {"cpu": {**PRODUCTS, **FUSED_PRODUCTS}, "cuda": dict(PRODUCTS)}
+
+
+def products(device: str) -> dict[str, str]:
+    """{product: symbol} that a library for ``device`` holds (the band products for a device not
+    in :data:`DEVICE_PRODUCTS`)."""
+    return dict(DEVICE_PRODUCTS.get(device, PRODUCTS))
+
+
 #: Every compiled product takes tensor views (batch, seq_len, heads, last) with a unit last stride
 #: and returns nothing; ``out`` is allocated by the caller. ``qk`` also takes ``padding``.
 SIGNATURES = {
     "qk": ("q", "k", "out", "left", "right", "dilation", "padding"),
     "pv": ("p", "v", "out", "left", "right", "dilation"),
     "tpv": ("g", "x", "out", "left", "right", "dilation"),
+    # q, k, v, out, dout, dq, dk, dv: (B, N, H, D); key_mask: (B, N) uint8, nonzero = excluded,
+    # any strides (a stride-0 expanded zero for none); lse: (B, N, H) in the inputs' dtype
+    "attention": ("q", "k", "v", "key_mask", "out", "lse", "left", "right", "dilation", "scale"),
+    "attention_backward": ("q", "k", "v", "key_mask", "out", "dout", "lse", "dq", "dk", "dv",
+                           "left", "right", "dilation", "scale"),
 }
 
 # ---- devices --------------------------------------------------------------------------------
@@ -99,7 +118,9 @@ TUNING_DIR = PREBUILT_DIR / "tuning"
 #: The sources each device's libraries are compiled from (relative to the repository); their hash
 #: goes into each manifest entry, so an edit to the CPU kernels leaves the CUDA libraries valid.
 SOURCES = {
-    "cpu": ["tvm_kernels/band.py", "tvm_kernels/cpu/kernels.py", "tvm_kernels/cpu/schedules.py"],
+    "cpu": ["tvm_kernels/band.py", "tvm_kernels/cpu/kernels.py", "tvm_kernels/cpu/schedules.py",
+            "tvm_kernels/cpu/attention.py", "tvm_kernels/cpu/attention_grad.py",
+            "tvm_kernels/cpu/attention_schedules.py"],
     "cuda": ["tvm_kernels/band.py", "tvm_kernels/cuda/kernels.py", "tvm_kernels/cuda/schedules.py"],
 }
 

@@ -2,7 +2,7 @@
 
 An entry names a library ``file`` (relative, inside the manifest's folder: never ``..``, an
 absolute path or a symbolic link that leads out), its ``sha256``, ``device``, ``dtype``,
-``functions`` (one symbol per product) and optional lists (``cpu_features``, ``sources``,
+``functions`` (one symbol per product its device's libraries hold, ``_contract.products``) and optional lists (``cpu_features``, ``sources``,
 ``archs``). A malformed entry is skipped with a warning that names the rule it breaks; an
 unreadable manifest is skipped as a whole. Nothing here loads a library.
 """
@@ -15,7 +15,7 @@ import logging
 import re
 from pathlib import Path, PurePosixPath
 
-from ._contract import (ENTRY_LISTS, ENTRY_OPTIONAL_STRINGS, ENTRY_STRINGS, PRODUCTS, REPO_DIR,
+from ._contract import (ENTRY_LISTS, ENTRY_OPTIONAL_STRINGS, ENTRY_STRINGS, REPO_DIR, products,
                         sha256_file)
 
 logger = logging.getLogger("longformer_tvm")
@@ -77,10 +77,11 @@ def _entry_problem(directory: Path, e) -> str:
         return f"file={e['file']!r:.200} must be a relative path inside {directory}"
     if not _SHA256.fullmatch(e["sha256"]):
         return f"sha256={e['sha256']!r:.80} is not 64 lowercase hex digits"
-    functions = e.get("functions")
-    if not (isinstance(functions, dict) and set(PRODUCTS) <= set(functions)
+    functions, wanted = e.get("functions"), tuple(products(e["device"]))
+    if not (isinstance(functions, dict) and set(wanted) <= set(functions)
             and all(isinstance(v, str) for v in functions.values())):
-        return f"functions={functions!r:.120} must map each of {tuple(PRODUCTS)} to a symbol name"
+        return (f"functions={functions!r:.160} must map each of {wanted} to a symbol name (a "
+                f"{e['device']} library holds them all; rebuild an older one)")
     for key in ENTRY_LISTS:
         value = e.get(key, [])
         if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import filelock
 
-from longformer_tvm._contract import (MANIFEST_FORMAT, PRODUCTS, SOURCES, __version__, entry_key,
-                                      installed_versions, sha256_file, source_hash)
+from longformer_tvm._contract import (MANIFEST_FORMAT, SOURCES, __version__, entry_key,
+                                      installed_versions, products, sha256_file, source_hash)
 
 logger = logging.getLogger("tvm_kernels")
 
@@ -32,7 +32,7 @@ def base_entry(device: str, dtype: str) -> dict:
     return {
         "device": device,
         "dtype": dtype,
-        "functions": dict(PRODUCTS),
+        "functions": products(device),
         "tvm_version": versions["tvm"],
         "tvm_ffi_version": versions["tvm_ffi"],
         "package_version": __version__,

@@ -183,7 +183,7 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
                                     vph, vf, L.slab_key(N, d, left, right, uu(B, H, d, vf, vph), vt, vc),
                                     vk] * DOT[vph, vf, vt, vk, vii]
                     for c, ii in T.grid(L.slab_cols(left, right), tt):
-                        with T.sblock("dS"):
+                        with T.sblock("P"):
                             vph, vf, vc, vii = T.axis.remap("SSSS", [ph, f, c, ii])
                             vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
                                                                       uu(B, H, d, f, ph), t))
@@ -192,6 +192,11 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
                                     N, d, left, right, uu(B, H, d, vf, vph), vt, vc)] > zero,
                                 fast_exp(ST[vph, vf, vt, vc, vii] * T.cast(scale, dtype)
                                          - LT[vph, vf, vt, vii], dtype), zero)
+                    for c, ii in T.grid(L.slab_cols(left, right), tt):
+                        with T.sblock("dS"):
+                            vph, vf, vc, vii = T.axis.remap("SSSS", [ph, f, c, ii])
+                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
+                                                                      uu(B, H, d, f, ph), t))
                             DST[vph, vf, vt, vc, vii] = PT[vph, vf, vt, vc, vii] * (
                                 DPT[vph, vf, vt, vc, vii] - DL[vph, vf, vt, vii])
                     with T.sblock("dQ_tile"):

@@ -25,19 +25,18 @@ from .schedules import KNOB_PREFIX, _register_block
 #: Candidate values per knob. Rows must divide the tile height V * tm.
 SPACE = {
     "attention": {"s_rows": [4, 8, 12, 16], "o_rows": [4, 8], "o_cols": [1, 2, 4]},
-    "attention_grad": {"s_rows": [4, 8], "s_cols": [1, 2], "dp_rows": [4, 8], "dp_cols": [1, 2],
-                       "dq_rows": [4, 8], "dq_cols": [1, 2, 4], "dkv_rows": [4, 8],
-                       "dkv_cols": [1, 2, 4]},
+    "attention_grad": {"s_rows": [4, 8, 12, 16], "dp_rows": [4, 8, 12, 16], "dq_rows": [4, 8],
+                       "dq_cols": [1, 2, 4], "dkv_rows": [4, 8], "dkv_cols": [1, 2, 4]},
 }
 
 #: Hand schedules by vector register file (32: AVX-512, 16: AVX2 / SSE).
 HAND = {
     32: {"attention": {"s_rows": 8, "o_rows": 4, "o_cols": 4},
-         "attention_grad": {"s_rows": 8, "s_cols": 2, "dp_rows": 8, "dp_cols": 2, "dq_rows": 4,
-                            "dq_cols": 4, "dkv_rows": 4, "dkv_cols": 4}},
+         "attention_grad": {"s_rows": 8, "dp_rows": 8, "dq_rows": 4, "dq_cols": 4, "dkv_rows": 4,
+                            "dkv_cols": 4}},
     16: {"attention": {"s_rows": 4, "o_rows": 4, "o_cols": 2},
-         "attention_grad": {"s_rows": 4, "s_cols": 2, "dp_rows": 4, "dp_cols": 2, "dq_rows": 4,
-                            "dq_cols": 2, "dkv_rows": 4, "dkv_cols": 2}},
+         "attention_grad": {"s_rows": 4, "dp_rows": 4, "dq_rows": 4, "dq_cols": 2, "dkv_rows": 4,
+                            "dkv_cols": 2}},
 }
 
 #: Tile height in vectors (tiles of V * TILE_TM rows), by dtype.
@@ -104,3 +103,15 @@ def schedule_attention(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
     key_gemm(sch, "attention", knobs, "S", "s", v)
     row_gemm(sch, "attention", knobs, "O", "o", v)
     vectorize_last(sch, "exp", v)
+
+
+def schedule_attention_grad(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
+    """The formulation's loops are already parallel (zeroing, then the two phases of units);
+    the five GEMMs register-blocked, dS vectorised over the tile's rows."""
+    for name in ("S", "dP"):
+        key_gemm(sch, "attention_grad", knobs, name, name.lower(), v)
+    row_gemm(sch, "attention_grad", knobs, "dQ", "dq", v)
+    for name in ("dK", "dV"):
+        row_gemm(sch, "attention_grad", knobs, name, "dkv", v)
+    for name in ("P", "dS"):
+        vectorize_last(sch, name, v)
