@@ -42,7 +42,8 @@ def fused_forward(q, k, v, w, mask, out, lse):
 def fused_backward(q, k, v, w, mask, out, lse, dout, grads):
     from longformer_tvm import backends
 
-    backends.kernel_for("attention_backward", q)(q, k, v, mask, out, dout, lse, *grads, w, w, 1,
+    delta = (dout * out).sum(-1)  # the op's part: rowsum(dO * O) (minus dlse)
+    backends.kernel_for("attention_backward", q)(q, k, v, mask, dout, lse, delta, *grads, w, w, 1,
                                                  D ** -0.5)
 
 

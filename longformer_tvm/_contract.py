@@ -46,9 +46,10 @@ SIGNATURES = {
     "pv": ("p", "v", "out", "left", "right", "dilation"),
     "tpv": ("g", "x", "out", "left", "right", "dilation"),
     # q, k, v, out, dout, dq, dk, dv: (B, N, H, D); key_mask: (B, N) uint8, nonzero = excluded,
-    # any strides (a stride-0 expanded zero for none); lse: (B, N, H) in the inputs' dtype
+    # any strides (a stride-0 expanded zero for none); lse and delta = rowsum(dout * out) - dlse:
+    # (B, N, H) in the inputs' dtype
     "attention": ("q", "k", "v", "key_mask", "out", "lse", "left", "right", "dilation", "scale"),
-    "attention_backward": ("q", "k", "v", "key_mask", "out", "dout", "lse", "dq", "dk", "dv",
+    "attention_backward": ("q", "k", "v", "key_mask", "dout", "lse", "delta", "dq", "dk", "dv",
                            "left", "right", "dilation", "scale"),
 }
 

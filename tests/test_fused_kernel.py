@@ -51,9 +51,12 @@ def fused(q, k, v, band, mask, dout=None):
         s = slice(h0, h1)
         forward(q[:, :, s], k[:, :, s], v[:, :, s], key_mask, out[:, :, s], lse[:, :, s],
                 band.left, band.right, min(d, n), scale)
-        if dout is not None:
-            backward(q[:, :, s], k[:, :, s], v[:, :, s], key_mask, out[:, :, s], dout[:, :, s],
-                     lse[:, :, s], *(g[:, :, s] for g in grads), band.left, band.right,
+    if dout is not None:
+        delta = (dout * out).sum(-1)
+        for h0, h1, d in band.head_runs():
+            s = slice(h0, h1)
+            backward(q[:, :, s], k[:, :, s], v[:, :, s], key_mask, dout[:, :, s], lse[:, :, s],
+                     delta[:, :, s], *(g[:, :, s] for g in grads), band.left, band.right,
                      min(d, n), scale)
     return (out, lse) if dout is None else (out, lse, *grads)
 

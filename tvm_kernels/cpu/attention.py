@@ -17,13 +17,15 @@ Formulation (the residue layout and tiles of :mod:`tvm_kernels.cpu.kernels`):
 * **Work units.** A unit is a run of consecutive tiles of one (batch, head, residue) -- the
   parallel item. It packs its slab of keys and values once (zero where the key is outside the
   sequence or masked, a select, never a product) with a 0/1 validity flag per packed key:
-  ``KP`` in panels of ``V`` keys (QK's layout), ``VP`` in rows of the padded head dimension.
+  ``KR`` and ``VR`` in rows of the padded head dimension (plain row copies).
   The workspace is one unit's slab per thread (TVM places the buffers inside the parallel loop).
-* **Per tile** of ``TT`` query rows: ``S = Q_tile KP^T`` (``TT x SC``, ``SC`` = the tile's slab
-  columns, ``TT + left + right`` rounded up to panels) in a small buffer; per row the max and the
-  sum over the columns of its band (selects on ``ii <= c <= ii + left + right`` and the flag), the
-  exponentials by a vectorised polynomial (:func:`fast_exp`); then ``O = P VP_slab`` and the
-  output ``O / l``, ``lse = m + log l``.
+* **Per tile** of ``TT`` query rows the scores are kept transposed, ``S^T = KR_slab Q_tile^T``
+  (``SC x TT``, ``SC`` = the tile's slab, ``TT + left + right`` rounded up to
+  :data:`SLAB_ROUND`), in a small buffer: the GEMM broadcasts key entries against vectors of the
+  tile's rows, and the softmax runs along the slab with the tile's rows in the vector lanes (no
+  lane reduction). Per row the max and the sum over its band (selects on ``ii <= c <= ii + left
+  + right`` and the flag), the exponentials by a vectorised polynomial (:func:`fast_exp`); then
+  ``O = P VR_slab``, the output ``O / l`` and ``lse = m + log l``.
 * **Nothing outside a row's band meets it** as a value: S entries outside the band are replaced by
   -inf / 0 (selects), and masked or outside keys are packed as zeros, so an inf or NaN held by a
   masked key, a key outside the sequence or another residue never reaches a row. A non-finite
@@ -166,7 +168,9 @@ def mask_view(handle, B, N):
 
 
 def lse_view(handle, dtype, B, N, H):
-    strides = (tirx.Var("sl0", "int64"), tirx.Var("sl1", "int64"), T.int64(1))
+    """A (B, N, H) view (strides ``s<tag>0, s<tag>1``, unit last stride)."""
+    tag = handle.name.removesuffix("_h")
+    strides = (tirx.Var(f"s{tag}0", "int64"), tirx.Var(f"s{tag}1", "int64"), T.int64(1))
     return T.match_buffer(handle, (B, N, H), dtype, strides=strides, align=ALIGN, offset_factor=1)
 
 

@@ -1,13 +1,14 @@
 """Fused sliding-window attention, backward (TIR), in the FlashAttention-2 manner.
 
-Inputs are the forward's (q, k, v, key_mask), its results (out, lse) and ``dout``; outputs dq, dk,
-dv. Per tile of ``TT`` query rows (the layout of :mod:`.attention`: residues, work units, slabs),
-with the tile's slab keys ``c``::
+Inputs are the forward's (q, k, v, key_mask), ``dout``, the forward's ``lse`` and ``delta`` =
+rowsum(dout * out) - dlse (the caller folds the LSE's own gradient in there; rows with lse = -inf
+may hold anything); outputs dq, dk, dv. Per tile of ``TT`` query rows (the layout of
+:mod:`.attention`: residues, work units, slabs), with the tile's slab keys ``c``::
 
     S^T  = K_slab Q_tile^T                      (slab x TT, kept transposed as in the forward)
     P^T  = [c in row's band and valid] exp(scale S^T - lse)
     dP^T = V_slab dO_tile^T
-    dS^T = P^T * (dP^T - Delta),  Delta = rowsum(dO * O)
+    dS^T = P^T * (dP^T - delta)
     dQ_tile  = scale dS K_slab                  (written once: a query row lies in one tile)
     dK_slab += scale dS^T Q_tile,  dV_slab += P^T dO_tile
 
@@ -22,11 +23,12 @@ is in the dtype (float32 for float32).
 
 Signature (``lse`` as the forward returned it, in the inputs' dtype)::
 
-    band_attention_backward(q, k, v, key_mask[B,N] uint8, out, dout, lse[B,N,H],
+    band_attention_backward(q, k, v, key_mask[B,N] uint8, dout, lse[B,N,H], delta[B,N,H],
                             dq, dk, dv, left: int64, right: int64, dilation: int64,
                             scale: float64)
 
-All (B, N, H, D) tensors with any strides and a unit last stride.
+(B, N, H, D) tensors with any strides and a unit last stride; lse and delta strides (s0, s1, 1),
+in the inputs' dtype; key_mask as for the forward.
 """
 
 from __future__ import annotations
@@ -66,20 +68,25 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
 
     @T.prim_func(s_tir=True)
     def band_attention_backward(q_h: T.handle, k_h: T.handle, v_h: T.handle, m_h: T.handle,
-                                o_h: T.handle, do_h: T.handle, l_h: T.handle, dq_h: T.handle,
+                                do_h: T.handle, l_h: T.handle, dl_h: T.handle, dq_h: T.handle,
                                 dk_h: T.handle, dv_h: T.handle, left: T.int64, right: T.int64,
                                 d: T.int64, scale: T.float64):
         T.func_attr({"tirx.noalias": True})
         B, N, H, D = T.int64(), T.int64(), T.int64(), T.int64()
-        Q, K, Vt, O, DO, DQ, DK, DV = views((q_h, k_h, v_h, o_h, do_h, dq_h, dk_h, dv_h), dtype,
-                                            B, N, H, D)
+        Q, K, Vt, DO, DQ, DK, DV = views((q_h, k_h, v_h, do_h, dq_h, dk_h, dv_h), dtype, B, N, H, D)
         M = mask_view(m_h, B, N)
         LS = lse_view(l_h, dtype, B, N, H)
-        KF = T.sblock_alloc_buffer((2, L.units(N, d, left, right) * B * H * d, L.unit_keys(N, d, left, right)), dtype)
-        KR = T.sblock_alloc_buffer((2, L.units(N, d, left, right) * B * H * d, L.unit_keys(N, d, left, right), packed_width(D, v)), dtype)
-        VR = T.sblock_alloc_buffer((2, L.units(N, d, left, right) * B * H * d, L.unit_keys(N, d, left, right), packed_width(D, v)), dtype)
-        DKA = T.sblock_alloc_buffer((2, L.units(N, d, left, right) * B * H * d, L.unit_keys(N, d, left, right), packed_width(D, v)), dtype)
-        DVA = T.sblock_alloc_buffer((2, L.units(N, d, left, right) * B * H * d, L.unit_keys(N, d, left, right), packed_width(D, v)), dtype)
+        DLV = lse_view(dl_h, dtype, B, N, H)
+        KF = T.sblock_alloc_buffer((2, L.units(N, d, left, right) * B * H * d,
+                                    L.unit_keys(N, d, left, right)), dtype)
+        KR = T.sblock_alloc_buffer((2, L.units(N, d, left, right) * B * H * d,
+                                     L.unit_keys(N, d, left, right), packed_width(D, v)), dtype)
+        VR = T.sblock_alloc_buffer((2, L.units(N, d, left, right) * B * H * d,
+                                     L.unit_keys(N, d, left, right), packed_width(D, v)), dtype)
+        DKA = T.sblock_alloc_buffer((2, L.units(N, d, left, right) * B * H * d,
+                                     L.unit_keys(N, d, left, right), packed_width(D, v)), dtype)
+        DVA = T.sblock_alloc_buffer((2, L.units(N, d, left, right) * B * H * d,
+                                     L.unit_keys(N, d, left, right), packed_width(D, v)), dtype)
         tshape = (2, L.units(N, d, left, right) * B * H * d, L.tiles(N, d))
         QT = T.sblock_alloc_buffer(tshape + (D, tt), dtype)
         DOT = T.sblock_alloc_buffer(tshape + (D, tt), dtype)
@@ -129,10 +136,12 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
                             vph, vf, vii, vk = T.axis.remap("SSSS", [ph, f, ii, k])
                             vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
                                                                       uu(B, H, d, f, ph), t))
-                            QR[vph, vf, vt, vii, vk] = T.Select(vk < D and L.query_ok(N, d, vf % d, vt, vii), Q[
+                            QR[vph, vf, vt, vii, vk] = T.Select(
+                                vk < D and L.query_ok(N, d, vf % d, vt, vii), Q[
                                 ub(B, H, d, vf), L.query_row(N, d, vf % d, vt, vii), uh(H, d, vf),
                                 T.min(vk, D - 1)], zero)
-                            DOR[vph, vf, vt, vii, vk] = T.Select(vk < D and L.query_ok(N, d, vf % d, vt, vii), DO[
+                            DOR[vph, vf, vt, vii, vk] = T.Select(
+                                vk < D and L.query_ok(N, d, vf % d, vt, vii), DO[
                                 ub(B, H, d, vf), L.query_row(N, d, vf % d, vt, vii), uh(H, d, vf),
                                 T.min(vk, D - 1)], zero)
                     for k, ii in T.grid(D, tt):
@@ -142,23 +151,14 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
                                                                       uu(B, H, d, f, ph), t))
                             QT[vph, vf, vt, vk, vii] = QR[vph, vf, vt, vii, vk]
                             DOT[vph, vf, vt, vk, vii] = DOR[vph, vf, vt, vii, vk]
-                    with T.sblock("delta_tile"):
-                        for ii, k in T.grid(tt, D):
-                            with T.sblock("delta"):
-                                vph, vf, vii, vk = T.axis.remap("SSSR", [ph, f, ii, k])
-                                vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
-                                                                          uu(B, H, d, f, ph), t))
-                                with T.init():
-                                    DL[vph, vf, vt, vii] = zero
-                                DL[vph, vf, vt, vii] = DL[vph, vf, vt, vii] + DOR[
-                                    vph, vf, vt, vii, vk] * O[ub(B, H, d, vf), L.query_row(
-                                        N, d, vf % d, vt, vii), uh(H, d, vf), vk]
                     for ii in range(tt):
                         with T.sblock("lse"):
                             vph, vf, vii = T.axis.remap("SSS", [ph, f, ii])
                             vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
                                                                       uu(B, H, d, f, ph), t))
                             LT[vph, vf, vt, vii] = LS[ub(B, H, d, vf), L.query_row(
+                                N, d, vf % d, vt, vii), uh(H, d, vf)]
+                            DL[vph, vf, vt, vii] = DLV[ub(B, H, d, vf), L.query_row(
                                 N, d, vf % d, vt, vii), uh(H, d, vf)]
                     with T.sblock("S_tile"):
                         for c, ii, k in T.grid(L.slab_cols(left, right), tt, D):
