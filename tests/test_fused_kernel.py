@@ -110,8 +110,16 @@ def _check(case, dtype, mask_on: bool):
     names = ("out", "lse", "dq", "dk", "dv")
     wants = (want, want_lse, *(a.grad for a in args))
     plains = (plain, plain_lse, *(a.grad for a in plain_args))
+    # dS = P (dP - delta) cancels where a row's probability sits on one key; plain torch cancels
+    # exactly there (its delta is the same sum), the kernel's dP is a GEMM: its error is a few
+    # roundings of the largest gradient entry, where the oracle's own may be 0
+    floor = 8 * torch.finfo(dtype).eps * max(a.grad.abs().max().item() for a in args)
     for name, g, w, p in zip(names, got, wants, plains):
         assert g.dtype == dtype
+        finite = torch.isfinite(w)
+        if name in ("dq", "dk", "dv") and torch.equal(torch.isfinite(g), finite) and (
+                not finite.any() or (g - w)[finite].abs().max().item() <= floor):
+            continue
         assert_close_to_oracle(g, w.detach(), p.detach(), what=f"{name} {_id(case)}")
     return want_lse
 

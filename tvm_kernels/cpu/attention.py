@@ -25,7 +25,9 @@ Formulation (the residue layout and tiles of :mod:`tvm_kernels.cpu.kernels`):
   tile's rows, and the softmax runs along the slab with the tile's rows in the vector lanes (no
   lane reduction). Per row the max and the sum over its band (selects on ``ii <= c <= ii + left
   + right`` and the flag), the exponentials by a vectorised polynomial (:func:`fast_exp`); then
-  ``O = P VR_slab``, the output ``O / l`` and ``lse = m + log l``.
+  ``O = P VR_slab``, the output ``O / l`` and ``lse = m + log l``. The scale is applied to the
+  transposed Q tile, so ``s - max`` is one subtraction (exactly 0 at the max: a one-key row gives
+  ``v`` exactly, as torch does; ``scale * s - max`` could contract to an FMA that does not).
 * **Nothing outside a row's band meets it** as a value: S entries outside the band are replaced by
   -inf / 0 (selects), and masked or outside keys are packed as zeros, so an inf or NaN held by a
   masked key, a key outside the sequence or another residue never reaches a row. A non-finite
@@ -227,7 +229,8 @@ def make_attention(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_ROWS):
                     with T.sblock("q_tile"):
                         vu, vb, vh, vr, vk, vii = T.axis.remap("SSSSSS", [u, b, h, r, k, ii])
                         vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
-                        QT[vb, vh, vr, vt, vk, vii] = Q[vb, L.query_row(N, d, vr, vt, vii), vh, vk]
+                        QT[vb, vh, vr, vt, vk, vii] = Q[vb, L.query_row(N, d, vr, vt, vii), vh, vk] * T.cast(
+                            scale, dtype)
                 with T.sblock("S_tile"):
                     for c, ii, k in T.grid(L.slab_cols(left, right), tt, D):
                         with T.sblock("S"):
@@ -248,7 +251,7 @@ def make_attention(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_ROWS):
                             MX[vb, vh, vr, vt, vii] = T.max(MX[vb, vh, vr, vt, vii], T.Select(
                                 L.in_band(left, right, vii, vc) and KF[
                                     vb, vh, vr, vu, L.slab_key(N, d, left, right, vu, vt, vc)] > zero,
-                                ST[vb, vh, vr, vt, vc, vii] * T.cast(scale, dtype), ninf))
+                                ST[vb, vh, vr, vt, vc, vii], ninf))
                 for c, ii in T.grid(L.slab_cols(left, right), tt):
                     with T.sblock("exp"):
                         vu, vb, vh, vr, vc, vii = T.axis.remap("SSSSSS", [u, b, h, r, c, ii])
@@ -256,8 +259,8 @@ def make_attention(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_ROWS):
                         PT[vb, vh, vr, vt, vc, vii] = T.Select(
                             L.in_band(left, right, vii, vc) and KF[
                                 vb, vh, vr, vu, L.slab_key(N, d, left, right, vu, vt, vc)] > zero,
-                            fast_exp(ST[vb, vh, vr, vt, vc, vii] * T.cast(scale, dtype)
-                                     - MX[vb, vh, vr, vt, vii], dtype), zero)
+                            fast_exp(ST[vb, vh, vr, vt, vc, vii] - MX[vb, vh, vr, vt, vii], dtype),
+                            zero)
                 with T.sblock("sum_tile"):
                     for c, ii in T.grid(L.slab_cols(left, right), tt):
                         with T.sblock("sum"):

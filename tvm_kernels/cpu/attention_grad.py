@@ -5,8 +5,8 @@ rowsum(dout * out) - dlse (the caller folds the LSE's own gradient in there; row
 may hold anything); outputs dq, dk, dv. Per tile of ``TT`` query rows (the layout of
 :mod:`.attention`: residues, work units, slabs), with the tile's slab keys ``c``::
 
-    S^T  = K_slab Q_tile^T                      (slab x TT, kept transposed as in the forward)
-    P^T  = [c in row's band and valid] exp(scale S^T - lse)
+    S^T  = K_slab (scale Q_tile)^T              (slab x TT, kept transposed as in the forward)
+    P^T  = [c in row's band and valid] exp(S^T - lse)
     dP^T = V_slab dO_tile^T
     dS^T = P^T * (dP^T - delta)
     dQ_tile  = scale dS K_slab                  (written once: a query row lies in one tile)
@@ -149,7 +149,7 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
                             vph, vf, vk, vii = T.axis.remap("SSSS", [ph, f, k, ii])
                             vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
                                                                       uu(B, H, d, f, ph), t))
-                            QT[vph, vf, vt, vk, vii] = QR[vph, vf, vt, vii, vk]
+                            QT[vph, vf, vt, vk, vii] = QR[vph, vf, vt, vii, vk] * T.cast(scale, dtype)
                             DOT[vph, vf, vt, vk, vii] = DOR[vph, vf, vt, vii, vk]
                     for ii in range(tt):
                         with T.sblock("lse"):
@@ -190,8 +190,8 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
                             PT[vph, vf, vt, vc, vii] = T.Select(
                                 L.in_band(left, right, vii, vc) and KF[vph, vf, L.slab_key(
                                     N, d, left, right, uu(B, H, d, vf, vph), vt, vc)] > zero,
-                                fast_exp(ST[vph, vf, vt, vc, vii] * T.cast(scale, dtype)
-                                         - LT[vph, vf, vt, vii], dtype), zero)
+                                fast_exp(ST[vph, vf, vt, vc, vii] - LT[vph, vf, vt, vii], dtype),
+                                zero)
                     for c, ii in T.grid(L.slab_cols(left, right), tt):
                         with T.sblock("dS"):
                             vph, vf, vc, vii = T.axis.remap("SSSS", [ph, f, c, ii])
