@@ -23,7 +23,7 @@ import torch
 import tvm_ffi
 
 import longformer_tvm as lt
-from longformer_tvm import _contract, _install, backends, reference
+from longformer_tvm import _contract, _install, _manifest, backends, reference
 from longformer_tvm._checks import normalize_band
 
 from .registry import private_registry, private_registry_code
@@ -203,11 +203,20 @@ MALFORMED_ENTRIES = {  # a dict is a change to a good entry (DROP removes the ke
     "sha256 not hex": {"sha256": "Z" * 64},
     "functions a list": {"functions": ["band_qk", "band_pv", "band_pv_transposed"]},
     "functions lacking tpv": {"functions": {"qk": "band_qk", "pv": "band_pv"}},
+    "cpu functions lacking the fused attention": {"functions": dict(_contract.PRODUCTS)},
     "cpu_features a number": {"cpu_features": 3},
     "cpu_features a string": {"cpu_features": "avx2"},
     "sources outside the repository": {"sources": ["../../etc/passwd"]},
     "isa a list": {"isa": ["avx2"]},
 }
+
+
+def test_a_cuda_entry_needs_only_the_band_products(tmp_path):
+    """Products are per device: the fused attention is required of CPU libraries only."""
+    entry = {"file": "cuda/x.so", "device": "cuda", "dtype": "float32", "sha256": "0" * 64,
+             "functions": dict(_contract.PRODUCTS)}
+    (tmp_path / "manifest.json").write_text(json.dumps({"libraries": [entry, {**entry, "device": "cpu"}]}))
+    assert [e.device for e in _manifest.read_manifest(tmp_path)] == ["cuda"]
 
 
 def test_malformed_entries_are_skipped_one_by_one(lab, caplog):
@@ -251,7 +260,7 @@ def test_a_file_that_matches_its_sha256_but_is_no_library_is_an_error(lab):
 
 
 def test_a_library_without_the_named_functions_is_an_error(lab):
-    lab.write_manifest([lab.entry_for(functions={"qk": "band_qk", "pv": "band_pv", "tpv": "no_such"})])
+    lab.write_manifest([lab.entry_for(functions={**_contract.products("cpu"), "tpv": "no_such"})])
     with pytest.raises(lt.KernelIntegrityError, match="lacks a function"):
         _qk()
 
