@@ -87,6 +87,30 @@ def fast_exp(x, dtype: str):
     return p * T.reinterpret(dtype, bits)
 
 
+def fast_log(x, dtype: str):
+    """log(x) for a finite x >= 1 (a row's sum of exponentials), in arithmetic: libm's ``logf``
+    is versioned GLIBC_2.27, newer than the wheel's manylinux tag allows. x = 2^e m with m in
+    [sqrt(1/2), sqrt(2)); log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172, by its series
+    (terms to s^13 in float32, s^25 in float64)."""
+    _, _, itype, mant, bias = _EXP[dtype]
+    c = lambda value: tirx.const(value, dtype)  # noqa: E731
+    i = lambda value: tirx.const(value, itype)  # noqa: E731
+    bits = T.reinterpret(itype, x)
+    e = T.shift_right(bits, i(mant)) - i(bias)
+    m = T.reinterpret(dtype, T.bitwise_or(T.bitwise_and(bits, i((1 << mant) - 1)),
+                                          i(bias << mant)))
+    big = m > c(2 ** 0.5)
+    m = T.Select(big, m * c(0.5), m)
+    e = T.Select(big, e + i(1), e)
+    s = (m - c(1.0)) / (m + c(1.0))
+    z = s * s
+    p = c(0.0)
+    for k in range(7 if dtype == "float32" else 13, 0, -1):  # 1 + z/3 + z^2/5 + ...
+        p = p * z + c(1.0 / (2 * k - 1))
+    n = T.Cast(dtype, e)
+    return n * c(_LN2_HI) + (n * c(_LN2_LO) + c(2.0) * s * p)
+
+
 # ---- the shared index rules (forward and backward) -----------------------------------------
 
 
@@ -294,6 +318,6 @@ def make_attention(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_ROWS):
                         T.where(L.query_ok(N, d, r, L.tile(N, d, left, right, u, t), ii))
                         LS[vb, L.query_row(N, d, vr, vt, vii), vh] = T.Select(
                             SM[vb, vh, vr, vt, vii] > zero,
-                            MX[vb, vh, vr, vt, vii] + T.log(SM[vb, vh, vr, vt, vii]), ninf)
+                            MX[vb, vh, vr, vt, vii] + fast_log(SM[vb, vh, vr, vt, vii], dtype), ninf)
 
     return band_attention.with_attr("global_symbol", "band_attention")
