@@ -47,13 +47,18 @@ strides ``(s0, s1, 1)``.
 
 from __future__ import annotations
 
+import math
+
 from tvm import DataType, tirx
 from tvm.script import tirx as T
 
 from ..band import ceil_div, rows_in_residue, tiles_per_residue
 
-#: Rows a work unit covers (at least ``left + right``, which the backward's two phases need).
+#: Rows a work unit covers (at least ``left + right``, which the backward's two phases need). The
+#: forward's units are longer (each packs its rows plus ``left + right``); the backward's keep its
+#: four slab buffers (K, V and the dK, dV sums) in a core's L2.
 UNIT_ROWS = 512
+FORWARD_UNIT_ROWS = 1024
 #: A tile's slab of keys is rounded up to a multiple of this (the key rows of a register block).
 SLAB_ROUND = 16
 #: Packed head dimension: a multiple of this many vectors (the PV microkernel's widest block).
@@ -80,9 +85,9 @@ def fast_exp(x, dtype: str):
     x = T.max(x, c(lo))
     n = T.floor(x * c(_LOG2E) + c(0.5))
     f = (x - n * c(_LN2_HI)) - n * c(_LN2_LO)
-    p = c(1.0)
-    for k in range(degree, 0, -1):  # 1 + f(1 + f/2(1 + f/3(...)))
-        p = c(1.0) + f * p * c(1.0 / k)
+    p = c(1.0 / math.factorial(degree))
+    for k in range(degree - 1, -1, -1):  # Horner on the Taylor coefficients 1/k!: one FMA each
+        p = p * f + c(1.0 / math.factorial(k))
     bits = T.shift_left(T.Cast(itype, n) + tirx.const(bias, itype), tirx.const(mant, itype))
     return p * T.reinterpret(dtype, bits)
 
@@ -159,6 +164,12 @@ class Layout:
     def query_ok(self, N, d, r, blk, ii):
         return (blk * self.tt + ii) * d + r < N
 
+    def full_lo(self, left, right):  # first slab column in the band of every tile row
+        return T.min(T.int64(self.tt - 1), self.slab_cols(left, right))
+
+    def full_hi(self, left, right):  # end of those columns
+        return T.max(self.full_lo(left, right), T.min(left + right + 1, self.slab_cols(left, right)))
+
     @staticmethod
     def in_band(left, right, ii, c):  # slab column c of tile row ii is in the row's band
         return tirx.all(c >= ii, c - ii <= left + right)
@@ -200,7 +211,7 @@ def lse_view(handle, dtype, B, N, H):
     return T.match_buffer(handle, (B, N, H), dtype, strides=strides, align=ALIGN, offset_factor=1)
 
 
-def make_attention(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_ROWS):
+def make_attention(dtype: str, v: int, tm: int = 2, unit_rows: int = FORWARD_UNIT_ROWS):
     """The forward kernel; ``v`` vector lanes, tiles of ``v * tm`` query rows."""
     L = Layout(v, tm, unit_rows)
     tt = L.tt
@@ -224,6 +235,7 @@ def make_attention(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_ROWS):
         QT = T.sblock_alloc_buffer(tshape + (D, tt), dtype)
         ST = T.sblock_alloc_buffer(tshape + (L.slab_cols(left, right), tt), dtype)
         PT = T.sblock_alloc_buffer(tshape + (L.slab_cols(left, right), tt), dtype)
+        MXP = T.sblock_alloc_buffer(tshape + (3, tt), dtype)
         MX = T.sblock_alloc_buffer(tshape + (tt,), dtype)
         SM = T.sblock_alloc_buffer(tshape + (tt,), dtype)
         OA = T.sblock_alloc_buffer(tshape + (tt, packed_width(D, v)), dtype)
@@ -265,20 +277,74 @@ def make_attention(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_ROWS):
                             ST[vb, vh, vr, vt, vc, vii] = ST[vb, vh, vr, vt, vc, vii] + KR[
                                 vb, vh, vr, vu, L.slab_key(N, d, left, right, vu, vt, vc), vk
                             ] * QT[vb, vh, vr, vt, vk, vii]
-                with T.sblock("max_tile"):
-                    for c, ii in T.grid(L.slab_cols(left, right), tt):
-                        with T.sblock("max"):
+                # the max in three parts, as the exponentials below: the middle slab columns test
+                # only the key's flag (its loop runs at least once, so its init always does)
+                with T.sblock("max_lo_tile"):
+                    for c, ii in T.grid(L.full_lo(left, right), tt):
+                        with T.sblock("max_lo"):
                             vu, vb, vh, vr, vc, vii = T.axis.remap("SSSSRS", [u, b, h, r, c, ii])
                             vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
                             with T.init():
-                                MX[vb, vh, vr, vt, vii] = ninf
-                            MX[vb, vh, vr, vt, vii] = T.max(MX[vb, vh, vr, vt, vii], T.Select(
+                                MXP[vb, vh, vr, vt, 0, vii] = ninf
+                            MXP[vb, vh, vr, vt, 0, vii] = T.max(MXP[vb, vh, vr, vt, 0, vii], T.Select(
                                 L.in_band(left, right, vii, vc) and KF[
                                     vb, vh, vr, vu, L.slab_key(N, d, left, right, vu, vt, vc)] > zero,
                                 ST[vb, vh, vr, vt, vc, vii], ninf))
-                for c, ii in T.grid(L.slab_cols(left, right), tt):
-                    with T.sblock("exp"):
+                with T.sblock("max_mid_tile"):
+                    for c, ii in T.grid(T.max(L.full_hi(left, right) - L.full_lo(left, right), 1), tt):
+                        with T.sblock("max_mid"):
+                            vu, vb, vh, vr, vm, vii = T.axis.remap("SSSSRS", [u, b, h, r, c, ii])
+                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
+                            with T.init():
+                                MXP[vb, vh, vr, vt, 1, vii] = ninf
+                            MXP[vb, vh, vr, vt, 1, vii] = T.max(MXP[vb, vh, vr, vt, 1, vii], T.Select(
+                                vm < L.full_hi(left, right) - L.full_lo(left, right) and KF[
+                                    vb, vh, vr, vu, L.slab_key(N, d, left, right, vu, vt,
+                                                               L.full_lo(left, right) + vm)] > zero,
+                                ST[vb, vh, vr, vt, L.full_lo(left, right) + vm, vii], ninf))
+                with T.sblock("max_hi_tile"):
+                    for c, ii in T.grid(L.slab_cols(left, right) - L.full_hi(left, right), tt):
+                        with T.sblock("max_hi"):
+                            vu, vb, vh, vr, vm, vii = T.axis.remap("SSSSRS", [u, b, h, r, c, ii])
+                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
+                            with T.init():
+                                MXP[vb, vh, vr, vt, 2, vii] = ninf
+                            MXP[vb, vh, vr, vt, 2, vii] = T.max(MXP[vb, vh, vr, vt, 2, vii], T.Select(
+                                L.in_band(left, right, vii, L.full_hi(left, right) + vm) and KF[
+                                    vb, vh, vr, vu, L.slab_key(N, d, left, right, vu, vt,
+                                                               L.full_hi(left, right) + vm)] > zero,
+                                ST[vb, vh, vr, vt, L.full_hi(left, right) + vm, vii], ninf))
+                for ii in range(tt):
+                    with T.sblock("max"):
+                        vu, vb, vh, vr, vii = T.axis.remap("SSSSS", [u, b, h, r, ii])
+                        vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
+                        MX[vb, vh, vr, vt, vii] = T.max(T.max(MXP[vb, vh, vr, vt, 0, vii],
+                                                              MXP[vb, vh, vr, vt, 1, vii]),
+                                                        MXP[vb, vh, vr, vt, 2, vii])
+                # slab columns [full_lo, full_hi) are in the band of every row of the tile: there
+                # only the key's flag is tested (a scalar), at the edges the band too
+                for c, ii in T.grid(L.full_lo(left, right), tt):
+                    with T.sblock("exp_lo"):
                         vu, vb, vh, vr, vc, vii = T.axis.remap("SSSSSS", [u, b, h, r, c, ii])
+                        vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
+                        PT[vb, vh, vr, vt, vc, vii] = T.Select(
+                            L.in_band(left, right, vii, vc) and KF[
+                                vb, vh, vr, vu, L.slab_key(N, d, left, right, vu, vt, vc)] > zero,
+                            fast_exp(ST[vb, vh, vr, vt, vc, vii] - MX[vb, vh, vr, vt, vii], dtype),
+                            zero)
+                for c, ii in T.grid(L.full_hi(left, right) - L.full_lo(left, right), tt):
+                    with T.sblock("exp"):
+                        vu, vb, vh, vr, vii = T.axis.remap("SSSSS", [u, b, h, r, ii])
+                        vc = T.axis.spatial(L.slab_cols(left, right), L.full_lo(left, right) + c)
+                        vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
+                        PT[vb, vh, vr, vt, vc, vii] = T.Select(
+                            KF[vb, vh, vr, vu, L.slab_key(N, d, left, right, vu, vt, vc)] > zero,
+                            fast_exp(ST[vb, vh, vr, vt, vc, vii] - MX[vb, vh, vr, vt, vii], dtype),
+                            zero)
+                for c, ii in T.grid(L.slab_cols(left, right) - L.full_hi(left, right), tt):
+                    with T.sblock("exp_hi"):
+                        vu, vb, vh, vr, vii = T.axis.remap("SSSSS", [u, b, h, r, ii])
+                        vc = T.axis.spatial(L.slab_cols(left, right), L.full_hi(left, right) + c)
                         vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
                         PT[vb, vh, vr, vt, vc, vii] = T.Select(
                             L.in_band(left, right, vii, vc) and KF[

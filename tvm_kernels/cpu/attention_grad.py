@@ -182,9 +182,33 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
                                 DPT[vph, vf, vt, vc, vii] = DPT[vph, vf, vt, vc, vii] + VR[
                                     vph, vf, L.slab_key(N, d, left, right, uu(B, H, d, vf, vph), vt, vc),
                                     vk] * DOT[vph, vf, vt, vk, vii]
-                    for c, ii in T.grid(L.slab_cols(left, right), tt):
+                    # as in the forward: the middle slab columns test only the key's flag
+                    for c, ii in T.grid(L.full_lo(left, right), tt):
+                        with T.sblock("P_lo"):
+                            vph, vf, vii = T.axis.remap("SSS", [ph, f, ii])
+                            vc = T.axis.spatial(L.slab_cols(left, right), c)
+                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
+                                                                      uu(B, H, d, f, ph), t))
+                            PT[vph, vf, vt, vc, vii] = T.Select(
+                                L.in_band(left, right, vii, vc) and KF[vph, vf, L.slab_key(
+                                    N, d, left, right, uu(B, H, d, vf, vph), vt, vc)] > zero,
+                                fast_exp(ST[vph, vf, vt, vc, vii] - LT[vph, vf, vt, vii], dtype),
+                                zero)
+                    for c, ii in T.grid(L.full_hi(left, right) - L.full_lo(left, right), tt):
                         with T.sblock("P"):
-                            vph, vf, vc, vii = T.axis.remap("SSSS", [ph, f, c, ii])
+                            vph, vf, vii = T.axis.remap("SSS", [ph, f, ii])
+                            vc = T.axis.spatial(L.slab_cols(left, right), L.full_lo(left, right) + c)
+                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
+                                                                      uu(B, H, d, f, ph), t))
+                            PT[vph, vf, vt, vc, vii] = T.Select(
+                                KF[vph, vf, L.slab_key(
+                                    N, d, left, right, uu(B, H, d, vf, vph), vt, vc)] > zero,
+                                fast_exp(ST[vph, vf, vt, vc, vii] - LT[vph, vf, vt, vii], dtype),
+                                zero)
+                    for c, ii in T.grid(L.slab_cols(left, right) - L.full_hi(left, right), tt):
+                        with T.sblock("P_hi"):
+                            vph, vf, vii = T.axis.remap("SSS", [ph, f, ii])
+                            vc = T.axis.spatial(L.slab_cols(left, right), L.full_hi(left, right) + c)
                             vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
                                                                       uu(B, H, d, f, ph), t))
                             PT[vph, vf, vt, vc, vii] = T.Select(

@@ -98,11 +98,12 @@ def schedule_attention(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
     """Parallel over work units; the two GEMMs register-blocked, the softmax vectorised over the
     tile's rows."""
     sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("flag"))[:4]))
-    for name in ("max", "sum"):
+    for name in ("max_lo", "max_mid", "max_hi", "sum"):
         tile_reduction(sch, name)
     key_gemm(sch, "attention", knobs, "S", "s", v)
     row_gemm(sch, "attention", knobs, "O", "o", v)
-    vectorize_last(sch, "exp", v)
+    for name in ("exp_lo", "exp", "exp_hi", "max"):
+        vectorize_last(sch, name, v)
 
 
 def schedule_attention_grad(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
@@ -113,5 +114,5 @@ def schedule_attention_grad(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
     row_gemm(sch, "attention_grad", knobs, "dQ", "dq", v)
     for name in ("dK", "dV"):
         row_gemm(sch, "attention_grad", knobs, name, "dkv", v)
-    for name in ("P", "dS"):
+    for name in ("P_lo", "P", "P_hi", "dS"):
         vectorize_last(sch, name, v)
