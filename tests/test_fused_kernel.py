@@ -29,6 +29,8 @@ CASES = [
     (3, 1024, 2, 33, 17, [3, 1], True),       # several work units: both backward phases
     (1, 1024, 4, 64, 256, [1, 2, 3, 5], True),
     (1, 1024, 1, 64, 1, 1, False),
+    (1, 3000, 1, 16, 1, 1, False),            # six backward work units
+    (2, 3000, 1, 16, 300, 1, True),           # units longer than their default (left + right)
 ]
 DTYPES = [torch.float32, torch.float64]
 
@@ -44,8 +46,9 @@ def fused(q, k, v, band, mask, dout=None):
     key_mask = (torch.zeros(1, 1, dtype=torch.uint8).expand(bsz, n) if mask is None
                 else mask.to(torch.uint8))
     scale = q.shape[-1] ** -0.5
-    out, lse = torch.empty_like(q), torch.empty(bsz, n, heads, dtype=q.dtype)
-    grads = [torch.empty_like(q) for _ in range(3)]
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((bsz, n, heads), float("nan"), dtype=q.dtype)
+    grads = [torch.full_like(q, float("nan")) for _ in range(3)]  # every entry must be written
     forward, backward = backends.kernel_for("attention", q), backends.kernel_for("attention_backward", q)
     for h0, h1, d in band.head_runs():
         s = slice(h0, h1)

@@ -18,7 +18,8 @@ its slab -- its rows plus ``left`` keys before and ``right`` after -- in its own
 adds that buffer into dk, dv. Units cover at least ``left + right`` rows
 (:meth:`.attention.Layout.unit_tiles`), so the slabs of units ``u`` and ``u + 2`` never overlap:
 the even units run in parallel first, then the odd ones, and no two concurrent units write the
-same key row. dk and dv are zeroed first (the kernel takes uninitialised outputs). Accumulation
+same key row. The even units write their rows of dk and dv, the odd ones add where an even
+unit's slab holds the key and write elsewhere, so the outputs need no zeroing first. Accumulation
 is in the dtype (float32 for float32).
 
 Signature (``lse`` as the forward returned it, in the inputs' dtype)::
@@ -66,6 +67,13 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
         pos = L.key_pos(N, d, left, right, u, pp)
         return tirx.all(pos >= 0, pos < rows_in_residue(N, d, r))
 
+    def shared(B, N, H, d, left, right, f, ph, pp):  # an even unit's slab holds this key too
+        u = uu(B, H, d, f, ph)
+        rows = L.unit_tiles(N, d, left, right) * tt
+        pos = L.key_pos(N, d, left, right, u, pp)
+        return tirx.any(pos < u * rows + right, tirx.all(
+            pos >= (u + 1) * rows - left, u + 1 < L.units(N, d, left, right)))
+
     @T.prim_func(s_tir=True)
     def band_attention_backward(q_h: T.handle, k_h: T.handle, v_h: T.handle, m_h: T.handle,
                                 do_h: T.handle, l_h: T.handle, dl_h: T.handle, dq_h: T.handle,
@@ -101,12 +109,6 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
         DQA = T.sblock_alloc_buffer(tshape + (tt, packed_width(D, v)), dtype)
         TK = T.sblock_alloc_buffer(tshape + (L.slab_cols(left, right), packed_width(D, v)), dtype)
         TV = T.sblock_alloc_buffer(tshape + (L.slab_cols(left, right), packed_width(D, v)), dtype)
-        for f in T.parallel(B * N):
-            for h, k in T.grid(H, D):
-                with T.sblock("zero"):
-                    vf, vh, vk = T.axis.remap("SSS", [f, h, k])
-                    DK[vf // N, vf % N, vh, vk] = zero
-                    DV[vf // N, vf % N, vh, vk] = zero
         for ph in range(2):
             for f in T.parallel(items(B, N, H, d, left, right, ph)):
                 for pp in range(L.unit_keys(N, d, left, right)):
@@ -119,31 +121,43 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
                             vph, vf, vp, vk = T.axis.remap("SSSS", [ph, f, pp, k])
                             DKA[vph, vf, vp, vk] = zero
                             DVA[vph, vf, vp, vk] = zero
-                    for k in range(packed_width(D, v)):
+                    for k in range(D):  # copies with no per-element index work: LLVM vectorises them
                         with T.sblock("pack"):
                             vph, vf, vp, vk = T.axis.remap("SSSS", [ph, f, pp, k])
-                            KR[vph, vf, vp, vk] = T.Select(KF[vph, vf, vp] > zero and vk < D, K[
+                            KR[vph, vf, vp, vk] = T.Select(KF[vph, vf, vp] > zero, K[
                                 ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right,
-                                                         uu(B, H, d, vf, vph), vp),
-                                uh(H, d, vf), T.min(vk, D - 1)], zero)
-                            VR[vph, vf, vp, vk] = T.Select(KF[vph, vf, vp] > zero and vk < D, Vt[
+                                                         uu(B, H, d, vf, vph), vp), uh(H, d, vf), vk],
+                                zero)
+                            VR[vph, vf, vp, vk] = T.Select(KF[vph, vf, vp] > zero, Vt[
                                 ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right,
-                                                         uu(B, H, d, vf, vph), vp),
-                                uh(H, d, vf), T.min(vk, D - 1)], zero)
+                                                         uu(B, H, d, vf, vph), vp), uh(H, d, vf), vk],
+                                zero)
+                    for k in range(packed_width(D, v) - D):
+                        with T.sblock("pack_pad"):
+                            vph, vf, vp = T.axis.remap("SSS", [ph, f, pp])
+                            vk = T.axis.spatial(packed_width(D, v), D + k)
+                            KR[vph, vf, vp, vk] = zero
+                            VR[vph, vf, vp, vk] = zero
                 for t in range(L.tile_count(N, d, left, right, uu(B, H, d, f, ph))):
-                    for ii, k in T.grid(tt, packed_width(D, v)):
+                    for ii, k in T.grid(tt, D):
                         with T.sblock("rows"):
                             vph, vf, vii, vk = T.axis.remap("SSSS", [ph, f, ii, k])
                             vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
                                                                       uu(B, H, d, f, ph), t))
-                            QR[vph, vf, vt, vii, vk] = T.Select(
-                                vk < D and L.query_ok(N, d, vf % d, vt, vii), Q[
+                            QR[vph, vf, vt, vii, vk] = T.Select(L.query_ok(N, d, vf % d, vt, vii), Q[
                                 ub(B, H, d, vf), L.query_row(N, d, vf % d, vt, vii), uh(H, d, vf),
-                                T.min(vk, D - 1)], zero)
-                            DOR[vph, vf, vt, vii, vk] = T.Select(
-                                vk < D and L.query_ok(N, d, vf % d, vt, vii), DO[
+                                vk], zero)
+                            DOR[vph, vf, vt, vii, vk] = T.Select(L.query_ok(N, d, vf % d, vt, vii), DO[
                                 ub(B, H, d, vf), L.query_row(N, d, vf % d, vt, vii), uh(H, d, vf),
-                                T.min(vk, D - 1)], zero)
+                                vk], zero)
+                    for ii, k in T.grid(tt, packed_width(D, v) - D):
+                        with T.sblock("rows_pad"):
+                            vph, vf, vii = T.axis.remap("SSS", [ph, f, ii])
+                            vk = T.axis.spatial(packed_width(D, v), D + k)
+                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
+                                                                      uu(B, H, d, f, ph), t))
+                            QR[vph, vf, vt, vii, vk] = zero
+                            DOR[vph, vf, vt, vii, vk] = zero
                     for k, ii in T.grid(D, tt):
                         with T.sblock("cols"):
                             vph, vf, vk, vii = T.axis.remap("SSSS", [ph, f, k, ii])
@@ -271,15 +285,29 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
                             vp = T.axis.spatial(L.unit_keys(N, d, left, right), t * tt + c)
                             DKA[vph, vf, vp, vkk] = DKA[vph, vf, vp, vkk] + TK[vph, vf, vt, vc, vkk]
                             DVA[vph, vf, vp, vkk] = DVA[vph, vf, vp, vkk] + TV[vph, vf, vt, vc, vkk]
+                # even units write their rows; odd units add where an even unit's slab wrote
+                # too, else write (so dk and dv need no zeroing)
                 for pp, k in T.grid(L.unit_keys(N, d, left, right), D):
-                    with T.sblock("dkv_out"):
+                    with T.sblock("dkv_set"):
                         vph, vf, vp, vk = T.axis.remap("SSSS", [ph, f, pp, k])
-                        T.where(inside(N, d, f % d, left, right, uu(B, H, d, f, ph), pp))
+                        T.where(inside(N, d, f % d, left, right, uu(B, H, d, f, ph), pp) and (
+                            ph == 0 or not shared(B, N, H, d, left, right, f, ph, pp)))
+                        DK[ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right, uu(B, H, d, vf, vph),
+                                                    vp), uh(H, d, vf), vk] = DKA[vph, vf, vp, vk] * T.cast(
+                            scale, dtype)
+                        DV[ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right, uu(B, H, d, vf, vph),
+                                                    vp), uh(H, d, vf), vk] = DVA[vph, vf, vp, vk]
+                for pp, k in T.grid(L.unit_keys(N, d, left, right), D):
+                    with T.sblock("dkv_add"):
+                        vph, vf, vp, vk = T.axis.remap("SSSS", [ph, f, pp, k])
+                        T.where(inside(N, d, f % d, left, right, uu(B, H, d, f, ph), pp) and (
+                            ph == 1 and shared(B, N, H, d, left, right, f, ph, pp)))
                         DK[ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right, uu(B, H, d, vf, vph),
                                                     vp), uh(H, d, vf), vk] = DK[
                             ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right,
                                                      uu(B, H, d, vf, vph), vp), uh(H, d, vf), vk
-                        ] + DKA[vph, vf, vp, vk] * T.cast(scale, dtype)
+                        ] + DKA[vph, vf, vp, vk] * T.cast(
+                            scale, dtype)
                         DV[ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right, uu(B, H, d, vf, vph),
                                                     vp), uh(H, d, vf), vk] = DV[
                             ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right,
