@@ -2,8 +2,8 @@
 
 An entry names a library ``file`` (relative, inside the manifest's folder: never ``..``, an
 absolute path or a symbolic link that leads out), its ``sha256``, ``device``, ``dtype``,
-``functions`` (one symbol per product its device's libraries hold, ``_contract.products``) and optional lists (``cpu_features``, ``sources``,
-``archs``). A malformed entry is skipped with a warning that names the rule it breaks; an
+``functions`` (one symbol per product its device's libraries hold, ``_contract.products``) and
+optional lists (``cpu_features``, ``sources``, ``archs``). A malformed entry is skipped with a warning that names the rule it breaks; an
 unreadable manifest is skipped as a whole. Nothing here loads a library.
 """
 

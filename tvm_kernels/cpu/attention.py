@@ -218,6 +218,35 @@ def make_attention(dtype: str, v: int, tm: int = 2, unit_rows: int = FORWARD_UNI
     zero, one = T.cast(0, dtype), T.cast(1, dtype)
     ninf = tirx.const(float("-inf"), dtype)
 
+    # Macros (expanded where called; names resolve there): one part of the slab columns, with the
+    # band test (the edges) or with the key's flag alone (the middle). TVM suffixes the names of
+    # later expansions' blocks (exp_1, ...); the schedule finds them by name or prefix.
+    @T.macro(hygienic=False)
+    def max_part(name, slot, start, extent, count, band):
+        with T.sblock(name + "_tile"):
+            for c, ii in T.grid(extent, tt):
+                with T.sblock(name):
+                    vu, vb, vh, vr, vm, vii = T.axis.remap("SSSSRS", [u, b, h, r, c, ii])
+                    vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
+                    with T.init():
+                        MXP[vb, vh, vr, vt, slot, vii] = ninf
+                    MXP[vb, vh, vr, vt, slot, vii] = T.max(MXP[vb, vh, vr, vt, slot, vii], T.Select(
+                        vm < count and (L.in_band(left, right, vii, start + vm) if band else True)
+                        and KF[vb, vh, vr, vu, L.slab_key(N, d, left, right, vu, vt, start + vm)]
+                        > zero, ST[vb, vh, vr, vt, start + vm, vii], ninf))
+
+    @T.macro(hygienic=False)
+    def exp_part(name, start, extent, band):
+        for c, ii in T.grid(extent, tt):
+            with T.sblock(name):
+                vu, vb, vh, vr, vii = T.axis.remap("SSSSS", [u, b, h, r, ii])
+                vc = T.axis.spatial(L.slab_cols(left, right), start + c)
+                vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
+                PT[vb, vh, vr, vt, vc, vii] = T.Select(
+                    (L.in_band(left, right, vii, vc) if band else True) and KF[
+                        vb, vh, vr, vu, L.slab_key(N, d, left, right, vu, vt, vc)] > zero,
+                    fast_exp(ST[vb, vh, vr, vt, vc, vii] - MX[vb, vh, vr, vt, vii], dtype), zero)
+
     @T.prim_func(s_tir=True)
     def band_attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, m_h: T.handle,
                        o_h: T.handle, l_h: T.handle, left: T.int64, right: T.int64,
@@ -277,43 +306,16 @@ def make_attention(dtype: str, v: int, tm: int = 2, unit_rows: int = FORWARD_UNI
                             ST[vb, vh, vr, vt, vc, vii] = ST[vb, vh, vr, vt, vc, vii] + KR[
                                 vb, vh, vr, vu, L.slab_key(N, d, left, right, vu, vt, vc), vk
                             ] * QT[vb, vh, vr, vt, vk, vii]
-                # the max in three parts, as the exponentials below: the middle slab columns test
-                # only the key's flag (its loop runs at least once, so its init always does)
-                with T.sblock("max_lo_tile"):
-                    for c, ii in T.grid(L.full_lo(left, right), tt):
-                        with T.sblock("max_lo"):
-                            vu, vb, vh, vr, vc, vii = T.axis.remap("SSSSRS", [u, b, h, r, c, ii])
-                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
-                            with T.init():
-                                MXP[vb, vh, vr, vt, 0, vii] = ninf
-                            MXP[vb, vh, vr, vt, 0, vii] = T.max(MXP[vb, vh, vr, vt, 0, vii], T.Select(
-                                L.in_band(left, right, vii, vc) and KF[
-                                    vb, vh, vr, vu, L.slab_key(N, d, left, right, vu, vt, vc)] > zero,
-                                ST[vb, vh, vr, vt, vc, vii], ninf))
-                with T.sblock("max_mid_tile"):
-                    for c, ii in T.grid(T.max(L.full_hi(left, right) - L.full_lo(left, right), 1), tt):
-                        with T.sblock("max_mid"):
-                            vu, vb, vh, vr, vm, vii = T.axis.remap("SSSSRS", [u, b, h, r, c, ii])
-                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
-                            with T.init():
-                                MXP[vb, vh, vr, vt, 1, vii] = ninf
-                            MXP[vb, vh, vr, vt, 1, vii] = T.max(MXP[vb, vh, vr, vt, 1, vii], T.Select(
-                                vm < L.full_hi(left, right) - L.full_lo(left, right) and KF[
-                                    vb, vh, vr, vu, L.slab_key(N, d, left, right, vu, vt,
-                                                               L.full_lo(left, right) + vm)] > zero,
-                                ST[vb, vh, vr, vt, L.full_lo(left, right) + vm, vii], ninf))
-                with T.sblock("max_hi_tile"):
-                    for c, ii in T.grid(L.slab_cols(left, right) - L.full_hi(left, right), tt):
-                        with T.sblock("max_hi"):
-                            vu, vb, vh, vr, vm, vii = T.axis.remap("SSSSRS", [u, b, h, r, c, ii])
-                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
-                            with T.init():
-                                MXP[vb, vh, vr, vt, 2, vii] = ninf
-                            MXP[vb, vh, vr, vt, 2, vii] = T.max(MXP[vb, vh, vr, vt, 2, vii], T.Select(
-                                L.in_band(left, right, vii, L.full_hi(left, right) + vm) and KF[
-                                    vb, vh, vr, vu, L.slab_key(N, d, left, right, vu, vt,
-                                                               L.full_hi(left, right) + vm)] > zero,
-                                ST[vb, vh, vr, vt, L.full_hi(left, right) + vm, vii], ninf))
+                # the max and the exponentials in three parts: slab columns [full_lo, full_hi)
+                # are in the band of every tile row, so there only the key's flag is tested (a
+                # scalar); the middle max runs at least once, so its init always does
+                max_part("max_lo", 0, 0, L.full_lo(left, right), L.full_lo(left, right), True)
+                max_part("max_mid", 1, L.full_lo(left, right),
+                         T.max(L.full_hi(left, right) - L.full_lo(left, right), 1),
+                         L.full_hi(left, right) - L.full_lo(left, right), False)
+                max_part("max_hi", 2, L.full_hi(left, right),
+                         L.slab_cols(left, right) - L.full_hi(left, right),
+                         L.slab_cols(left, right) - L.full_hi(left, right), True)
                 for ii in range(tt):
                     with T.sblock("max"):
                         vu, vb, vh, vr, vii = T.axis.remap("SSSSS", [u, b, h, r, ii])
@@ -321,36 +323,11 @@ def make_attention(dtype: str, v: int, tm: int = 2, unit_rows: int = FORWARD_UNI
                         MX[vb, vh, vr, vt, vii] = T.max(T.max(MXP[vb, vh, vr, vt, 0, vii],
                                                               MXP[vb, vh, vr, vt, 1, vii]),
                                                         MXP[vb, vh, vr, vt, 2, vii])
-                # slab columns [full_lo, full_hi) are in the band of every row of the tile: there
-                # only the key's flag is tested (a scalar), at the edges the band too
-                for c, ii in T.grid(L.full_lo(left, right), tt):
-                    with T.sblock("exp_lo"):
-                        vu, vb, vh, vr, vc, vii = T.axis.remap("SSSSSS", [u, b, h, r, c, ii])
-                        vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
-                        PT[vb, vh, vr, vt, vc, vii] = T.Select(
-                            L.in_band(left, right, vii, vc) and KF[
-                                vb, vh, vr, vu, L.slab_key(N, d, left, right, vu, vt, vc)] > zero,
-                            fast_exp(ST[vb, vh, vr, vt, vc, vii] - MX[vb, vh, vr, vt, vii], dtype),
-                            zero)
-                for c, ii in T.grid(L.full_hi(left, right) - L.full_lo(left, right), tt):
-                    with T.sblock("exp"):
-                        vu, vb, vh, vr, vii = T.axis.remap("SSSSS", [u, b, h, r, ii])
-                        vc = T.axis.spatial(L.slab_cols(left, right), L.full_lo(left, right) + c)
-                        vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
-                        PT[vb, vh, vr, vt, vc, vii] = T.Select(
-                            KF[vb, vh, vr, vu, L.slab_key(N, d, left, right, vu, vt, vc)] > zero,
-                            fast_exp(ST[vb, vh, vr, vt, vc, vii] - MX[vb, vh, vr, vt, vii], dtype),
-                            zero)
-                for c, ii in T.grid(L.slab_cols(left, right) - L.full_hi(left, right), tt):
-                    with T.sblock("exp_hi"):
-                        vu, vb, vh, vr, vii = T.axis.remap("SSSSS", [u, b, h, r, ii])
-                        vc = T.axis.spatial(L.slab_cols(left, right), L.full_hi(left, right) + c)
-                        vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, u, t))
-                        PT[vb, vh, vr, vt, vc, vii] = T.Select(
-                            L.in_band(left, right, vii, vc) and KF[
-                                vb, vh, vr, vu, L.slab_key(N, d, left, right, vu, vt, vc)] > zero,
-                            fast_exp(ST[vb, vh, vr, vt, vc, vii] - MX[vb, vh, vr, vt, vii], dtype),
-                            zero)
+                exp_part("exp_lo", 0, L.full_lo(left, right), True)
+                exp_part("exp", L.full_lo(left, right),
+                         L.full_hi(left, right) - L.full_lo(left, right), False)
+                exp_part("exp_hi", L.full_hi(left, right),
+                         L.slab_cols(left, right) - L.full_hi(left, right), True)
                 with T.sblock("sum_tile"):
                     for c, ii in T.grid(L.slab_cols(left, right), tt):
                         with T.sblock("sum"):

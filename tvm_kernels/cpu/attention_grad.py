@@ -74,6 +74,43 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
         return tirx.any(pos < u * rows + right, tirx.all(
             pos >= (u + 1) * rows - left, u + 1 < L.units(N, d, left, right)))
 
+    @T.macro(hygienic=False)
+    def key_gemm(name, out, rows, cols):  # out[c, ii] = sum_k rows[slab key c, k] cols[k, ii]
+        with T.sblock(name + "_tile"):
+            for c, ii, k in T.grid(L.slab_cols(left, right), tt, D):
+                with T.sblock(name):
+                    vph, vf, vc, vii, vk = T.axis.remap("SSSSR", [ph, f, c, ii, k])
+                    vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, uu(B, H, d, f, ph), t))
+                    with T.init():
+                        out[vph, vf, vt, vc, vii] = zero
+                    out[vph, vf, vt, vc, vii] = out[vph, vf, vt, vc, vii] + rows[
+                        vph, vf, L.slab_key(N, d, left, right, uu(B, H, d, vf, vph), vt, vc),
+                        vk] * cols[vph, vf, vt, vk, vii]
+
+    @T.macro(hygienic=False)
+    def slab_gemm(name, out, left_t, rows):  # out[c, kk] = sum_ii left_t[c, ii] rows[ii, kk]
+        with T.sblock(name + "_tile"):
+            for c, kk, ii in T.grid(L.slab_cols(left, right), packed_width(D, v), tt):
+                with T.sblock(name):
+                    vph, vf, vc, vkk, vii = T.axis.remap("SSSSR", [ph, f, c, kk, ii])
+                    vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, uu(B, H, d, f, ph), t))
+                    with T.init():
+                        out[vph, vf, vt, vc, vkk] = zero
+                    out[vph, vf, vt, vc, vkk] = out[vph, vf, vt, vc, vkk] + left_t[
+                        vph, vf, vt, vc, vii] * rows[vph, vf, vt, vii, vkk]
+
+    @T.macro(hygienic=False)
+    def p_part(name, start, extent, band):  # P over part of the slab (see attention.exp_part)
+        for c, ii in T.grid(extent, tt):
+            with T.sblock(name):
+                vph, vf, vii = T.axis.remap("SSS", [ph, f, ii])
+                vc = T.axis.spatial(L.slab_cols(left, right), start + c)
+                vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, uu(B, H, d, f, ph), t))
+                PT[vph, vf, vt, vc, vii] = T.Select(
+                    (L.in_band(left, right, vii, vc) if band else True) and KF[vph, vf, L.slab_key(
+                        N, d, left, right, uu(B, H, d, vf, vph), vt, vc)] > zero,
+                    fast_exp(ST[vph, vf, vt, vc, vii] - LT[vph, vf, vt, vii], dtype), zero)
+
     @T.prim_func(s_tir=True)
     def band_attention_backward(q_h: T.handle, k_h: T.handle, v_h: T.handle, m_h: T.handle,
                                 do_h: T.handle, l_h: T.handle, dl_h: T.handle, dq_h: T.handle,
@@ -174,62 +211,14 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
                                 N, d, vf % d, vt, vii), uh(H, d, vf)]
                             DL[vph, vf, vt, vii] = DLV[ub(B, H, d, vf), L.query_row(
                                 N, d, vf % d, vt, vii), uh(H, d, vf)]
-                    with T.sblock("S_tile"):
-                        for c, ii, k in T.grid(L.slab_cols(left, right), tt, D):
-                            with T.sblock("S"):
-                                vph, vf, vc, vii, vk = T.axis.remap("SSSSR", [ph, f, c, ii, k])
-                                vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
-                                                                          uu(B, H, d, f, ph), t))
-                                with T.init():
-                                    ST[vph, vf, vt, vc, vii] = zero
-                                ST[vph, vf, vt, vc, vii] = ST[vph, vf, vt, vc, vii] + KR[
-                                    vph, vf, L.slab_key(N, d, left, right, uu(B, H, d, vf, vph), vt, vc),
-                                    vk] * QT[vph, vf, vt, vk, vii]
-                    with T.sblock("dP_tile"):
-                        for c, ii, k in T.grid(L.slab_cols(left, right), tt, D):
-                            with T.sblock("dP"):
-                                vph, vf, vc, vii, vk = T.axis.remap("SSSSR", [ph, f, c, ii, k])
-                                vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
-                                                                          uu(B, H, d, f, ph), t))
-                                with T.init():
-                                    DPT[vph, vf, vt, vc, vii] = zero
-                                DPT[vph, vf, vt, vc, vii] = DPT[vph, vf, vt, vc, vii] + VR[
-                                    vph, vf, L.slab_key(N, d, left, right, uu(B, H, d, vf, vph), vt, vc),
-                                    vk] * DOT[vph, vf, vt, vk, vii]
+                    key_gemm("S", ST, KR, QT)  # S^T = K_slab (scale Q)^T
+                    key_gemm("dP", DPT, VR, DOT)  # dP^T = V_slab dO^T
                     # as in the forward: the middle slab columns test only the key's flag
-                    for c, ii in T.grid(L.full_lo(left, right), tt):
-                        with T.sblock("P_lo"):
-                            vph, vf, vii = T.axis.remap("SSS", [ph, f, ii])
-                            vc = T.axis.spatial(L.slab_cols(left, right), c)
-                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
-                                                                      uu(B, H, d, f, ph), t))
-                            PT[vph, vf, vt, vc, vii] = T.Select(
-                                L.in_band(left, right, vii, vc) and KF[vph, vf, L.slab_key(
-                                    N, d, left, right, uu(B, H, d, vf, vph), vt, vc)] > zero,
-                                fast_exp(ST[vph, vf, vt, vc, vii] - LT[vph, vf, vt, vii], dtype),
-                                zero)
-                    for c, ii in T.grid(L.full_hi(left, right) - L.full_lo(left, right), tt):
-                        with T.sblock("P"):
-                            vph, vf, vii = T.axis.remap("SSS", [ph, f, ii])
-                            vc = T.axis.spatial(L.slab_cols(left, right), L.full_lo(left, right) + c)
-                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
-                                                                      uu(B, H, d, f, ph), t))
-                            PT[vph, vf, vt, vc, vii] = T.Select(
-                                KF[vph, vf, L.slab_key(
-                                    N, d, left, right, uu(B, H, d, vf, vph), vt, vc)] > zero,
-                                fast_exp(ST[vph, vf, vt, vc, vii] - LT[vph, vf, vt, vii], dtype),
-                                zero)
-                    for c, ii in T.grid(L.slab_cols(left, right) - L.full_hi(left, right), tt):
-                        with T.sblock("P_hi"):
-                            vph, vf, vii = T.axis.remap("SSS", [ph, f, ii])
-                            vc = T.axis.spatial(L.slab_cols(left, right), L.full_hi(left, right) + c)
-                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
-                                                                      uu(B, H, d, f, ph), t))
-                            PT[vph, vf, vt, vc, vii] = T.Select(
-                                L.in_band(left, right, vii, vc) and KF[vph, vf, L.slab_key(
-                                    N, d, left, right, uu(B, H, d, vf, vph), vt, vc)] > zero,
-                                fast_exp(ST[vph, vf, vt, vc, vii] - LT[vph, vf, vt, vii], dtype),
-                                zero)
+                    p_part("P_lo", 0, L.full_lo(left, right), True)
+                    p_part("P", L.full_lo(left, right),
+                           L.full_hi(left, right) - L.full_lo(left, right), False)
+                    p_part("P_hi", L.full_hi(left, right),
+                           L.slab_cols(left, right) - L.full_hi(left, right), True)
                     for c, ii in T.grid(L.slab_cols(left, right), tt):
                         with T.sblock("dS"):
                             vph, vf, vc, vii = T.axis.remap("SSSS", [ph, f, c, ii])
@@ -257,26 +246,8 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
                                                                     uu(B, H, d, f, ph), t), ii))
                             DQ[ub(B, H, d, vf), L.query_row(N, d, vf % d, vt, vii), uh(H, d, vf),
                                vk] = DQA[vph, vf, vt, vii, vk] * T.cast(scale, dtype)
-                    with T.sblock("dK_tile"):
-                        for c, kk, ii in T.grid(L.slab_cols(left, right), packed_width(D, v), tt):
-                            with T.sblock("dK"):
-                                vph, vf, vc, vkk, vii = T.axis.remap("SSSSR", [ph, f, c, kk, ii])
-                                vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
-                                                                          uu(B, H, d, f, ph), t))
-                                with T.init():
-                                    TK[vph, vf, vt, vc, vkk] = zero
-                                TK[vph, vf, vt, vc, vkk] = TK[vph, vf, vt, vc, vkk] + DST[
-                                    vph, vf, vt, vc, vii] * QR[vph, vf, vt, vii, vkk]
-                    with T.sblock("dV_tile"):
-                        for c, kk, ii in T.grid(L.slab_cols(left, right), packed_width(D, v), tt):
-                            with T.sblock("dV"):
-                                vph, vf, vc, vkk, vii = T.axis.remap("SSSSR", [ph, f, c, kk, ii])
-                                vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
-                                                                          uu(B, H, d, f, ph), t))
-                                with T.init():
-                                    TV[vph, vf, vt, vc, vkk] = zero
-                                TV[vph, vf, vt, vc, vkk] = TV[vph, vf, vt, vc, vkk] + PT[
-                                    vph, vf, vt, vc, vii] * DOR[vph, vf, vt, vii, vkk]
+                    slab_gemm("dK", TK, DST, QR)  # this tile's dS^T Q
+                    slab_gemm("dV", TV, PT, DOR)  # and P^T dO
                     for c, kk in T.grid(L.slab_cols(left, right), packed_width(D, v)):
                         with T.sblock("acc"):
                             vph, vf, vc, vkk = T.axis.remap("SSSS", [ph, f, c, kk])

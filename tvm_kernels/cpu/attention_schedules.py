@@ -18,6 +18,8 @@ build parameter of :func:`tvm_kernels.cpu.attention.make_attention` (:data:`TILE
 
 from __future__ import annotations
 
+import re
+
 from tvm import s_tir
 
 from .schedules import KNOB_PREFIX, _register_block
@@ -43,6 +45,25 @@ HAND = {
 TILE_TM = {"float32": 2, "float64": 4}
 
 
+def _block(sch: s_tir.Schedule, base: str):
+    """The block named ``base`` or ``base_<n>``: TVM suffixes the blocks of a macro's later
+    expansions (:mod:`.attention`'s ``max_part``, ``exp_part``)."""
+    names, stack = [], [sch.mod["main"].body]
+    while stack:  # the statement tree, as schedules.knobs_in walks it
+        node = stack.pop()
+        if hasattr(node, "iter_vars") and hasattr(node, "name_hint"):
+            names.append(str(node.name_hint))
+        for field in ("body", "block", "then_case", "else_case"):
+            child = getattr(node, field, None)
+            if child is not None:
+                stack.append(child)
+        stack.extend(getattr(node, "seq", None) or [])
+    found = [n for n in names if re.fullmatch(re.escape(base) + r"(_\d+)?", n)]
+    if len(found) != 1:
+        raise ValueError(f"schedule: expected one block named {base!r}, found {found}")
+    return sch.get_sblock(found[0])
+
+
 def hand_knobs(product: str, isa: str) -> dict:
     return dict(HAND[32 if isa == "avx512" else 16][product])
 
@@ -60,7 +81,7 @@ def key_gemm(sch, product, knobs, name: str, knob: str, v: int) -> None:
     """A (slab keys, tile rows) x reduction GEMM -- loops (c, ii, k) -- as a rows x tile register
     block: ``rows`` keys by the tile's TT / V vectors of query rows; the keys' entries broadcast,
     the transposed tile's rows loaded as vectors."""
-    block = sch.get_sblock(name)
+    block = _block(sch, name)
     c, ii, k = sch.get_loops(block)[-3:]
     co, ci = sch.split(c, [None, _knob(sch, product, knobs, f"{knob}_rows", block)])
     iv, il = sch.split(ii, [None, v])
@@ -71,7 +92,7 @@ def key_gemm(sch, product, knobs, name: str, knob: str, v: int) -> None:
 def row_gemm(sch, product, knobs, name: str, knob: str, v: int) -> None:
     """A (rows, packed head dim) x reduction GEMM -- loops (ii, kk, c) -- as a rows x (cols * V)
     register block, the left operand broadcast, the right one's rows loaded as vectors."""
-    block = sch.get_sblock(name)
+    block = _block(sch, name)
     ii, kk, c = sch.get_loops(block)[-3:]
     ko, kv, kl = sch.split(kk, [None, _knob(sch, product, knobs, f"{knob}_cols", block), v])
     iio, iii = sch.split(ii, [None, _knob(sch, product, knobs, f"{knob}_rows", block)])
@@ -81,7 +102,7 @@ def row_gemm(sch, product, knobs, name: str, knob: str, v: int) -> None:
 
 def tile_reduction(sch, name: str) -> None:
     """A reduction over slab keys per tile row (loops c, ii; c reduced): vectorised over rows."""
-    block = sch.get_sblock(name)
+    block = _block(sch, name)
     sch.vectorize(sch.get_loops(block)[-1])
     init = sch.decompose_reduction(block, sch.get_loops(block)[-2])
     sch.vectorize(sch.get_loops(init)[-1])
@@ -89,7 +110,7 @@ def tile_reduction(sch, name: str) -> None:
 
 def vectorize_last(sch, name: str, v: int) -> None:
     """An elementwise block whose last loop is a multiple of V: vectorised V at a time."""
-    block = sch.get_sblock(name)
+    block = _block(sch, name)
     _, inner = sch.split(sch.get_loops(block)[-1], [None, v])
     sch.vectorize(inner)
 
@@ -97,7 +118,7 @@ def vectorize_last(sch, name: str, v: int) -> None:
 def schedule_attention(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
     """Parallel over work units; the two GEMMs register-blocked, the softmax vectorised over the
     tile's rows."""
-    sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("flag"))[:4]))
+    sch.parallel(sch.fuse(*sch.get_loops(_block(sch, "flag"))[:4]))
     for name in ("max_lo", "max_mid", "max_hi", "sum"):
         tile_reduction(sch, name)
     key_gemm(sch, "attention", knobs, "S", "s", v)
