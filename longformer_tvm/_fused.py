@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 
@@ -105,6 +106,22 @@ def composite_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     return dq, dk, dv
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """Whether a fused kernel's result holds no inf or NaN (one sum; a finite sum proves it).
+
+    The fused kernels multiply a tile's probabilities by the whole V slab (and their adjoints
+    likewise), so an inf or NaN in the v row of a *valid* key can also reach rows of its tile
+    whose band does not hold it (0 * inf); excluded keys never can (they are packed as zeros).
+    An inf or NaN score (from q or k) would pass the kernel's max and polynomial exp as a
+    finite number, so q and k are checked before the kernel, its results after; where one is not
+    finite the op computes with the band products, which keep such values to the rows whose
+    band holds them. numpy sums on this thread: torch's sum would wake
+    its OpenMP workers, which then spin against the next TVM kernel.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(t.detach().numpy().sum()))
+
+
 def _band(left: int, right: int, dilation: list[int]) -> Band:
     return Band(left=left, right=right, dilation=tuple(dilation))
 
@@ -128,7 +145,8 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: 
                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     band = _band(left, right, dilation)
     kernel = _kernel(FORWARD, q)
-    if kernel is None or q.numel() == 0:
+    # an inf or NaN score would pass the kernel's max and polynomial exp as a finite number
+    if kernel is None or q.numel() == 0 or not (_finite(q) and _finite(k)):
         out, lse = composite(q, k, v, key_mask, band, scale, differentiable=False)
         return out.contiguous(), lse.contiguous()
     q, k, v = ops._prepare(q), ops._prepare(k), ops._prepare(v)
@@ -139,7 +157,9 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: 
         heads = slice(h0, h1)
         kernel(q[:, :, heads], k[:, :, heads], v[:, :, heads], mask, out[:, :, heads],
                lse[:, :, heads], left, right, d, scale)
-    return out, lse
+    if not _finite(out):
+        out, lse = composite(q, k, v, key_mask, band, scale, differentiable=False)
+    return out.contiguous(), lse.contiguous()
 
 
 @band_attention.register_fake
@@ -159,7 +179,7 @@ def band_attention_backward(dout: torch.Tensor, dlse: torch.Tensor, q: torch.Ten
     # (a batched dot product: no (B, N, H, D) temporary, unlike (dout * out).sum(-1))
     delta = torch.einsum("bnhd,bnhd->bnh", dout.to(lse.dtype), out.to(lse.dtype)) - dlse.to(lse.dtype)
     delta = delta.masked_fill(torch.isneginf(lse), 0.0).contiguous()
-    if kernel is None or q.numel() == 0:
+    if kernel is None or q.numel() == 0 or not (_finite(q) and _finite(k)):
         return composite_backward(dout, q, k, v, key_mask, lse, delta, band, scale)
     q, k, v, dout = (ops._prepare(t) for t in (q, k, v, dout))
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
@@ -169,6 +189,8 @@ def band_attention_backward(dout: torch.Tensor, dlse: torch.Tensor, q: torch.Ten
         kernel(q[:, :, heads], k[:, :, heads], v[:, :, heads], mask, dout[:, :, heads],
                lse[:, :, heads], delta[:, :, heads], dq[:, :, heads], dk[:, :, heads],
                dv[:, :, heads], left, right, d, scale)
+    if not (_finite(dq) and _finite(dk) and _finite(dv)):
+        return composite_backward(dout, q, k, v, key_mask, lse, delta, band, scale)
     return dq, dk, dv
 
 
@@ -219,6 +241,22 @@ def _register_forward_ad(lib: torch.library.Library) -> None:
 
 _FORWARD_AD = torch.library.Library(_LIB, "IMPL")
 _register_forward_ad(_FORWARD_AD)
+
+
+# Exporters (torch.onnx.export with dynamo=True) see the op as its band-product form, whose
+# products decompose into standard operators in turn (_decompose.py): standard ONNX at any N.
+# Contiguous, as the op returns them (see _decompose.py on why strides matter there).
+def _decomposed(q, k, v, key_mask, left, right, dilation, scale):
+    out, lse = composite(q, k, v, key_mask, _band(left, right, dilation), scale)
+    return out.contiguous(), lse.contiguous()
+
+
+try:
+    from torch._decomp import register_decomposition
+except ImportError:  # pragma: no cover - torch moved its private table: no ONNX export of the op
+    pass
+else:
+    register_decomposition(torch.ops.longformer_tvm.band_attention.default)(_decomposed)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: Band, scale: float,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import longformer_tvm as lt
-from longformer_tvm import _fused
+from longformer_tvm import _fused, reference
 from longformer_tvm._checks import normalize_band
 
 from .oracle import assert_close_to_oracle, dense_attention
@@ -193,3 +193,26 @@ def test_forward_mode_ad_gives_the_tangent():
                              (q, k, v), (tq, tk, tv))
     assert got.abs().max() > 0
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_inf_in_a_valid_key_row_reaches_only_the_rows_that_see_it(where):
+    """Only rows whose band holds the key may turn non-finite (all of them for v: p > 0 times
+    inf); every other row equals the result without the inf."""
+    q, k, v, _ = _inputs((1, 200, 2, 16, 5, (1, 3), False, False))
+    band = normalize_band("t", 5, (1, 3), False, 2)
+    clean, _ = dense_attention(q, k, v, band, 0.25)
+    {"k": k, "v": v}[where][0, 100, 1, 0] = float("inf")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = lt.sliding_window_attention(*leaves, 5, (1, 3))
+    sees = torch.zeros(1, 200, 2, dtype=torch.bool)
+    sees[0, :, 1] = reference.band_mask(200, band)[1, :, 100]
+    bad = ~torch.isfinite(out).all(dim=-1)
+    assert not (bad & ~sees).any(), "a row that does not see the key turned non-finite"
+    if where == "v":
+        assert torch.equal(bad, sees)
+    else:  # a score of +inf (q[..., 0] > 0) makes the row NaN, -inf drops the key
+        plus = sees & (q[..., 0] > 0)
+        assert torch.equal(bad, plus)
+    assert torch.allclose(out.double()[~sees], clean[~sees], atol=1e-5)
+    out.masked_fill(~torch.isfinite(out), 0.0).sum().backward()  # gradients computed, no crash

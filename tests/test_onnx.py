@@ -147,3 +147,30 @@ def test_layer_exports_and_runs_at_any_length(case):
         (got,) = session.run(None, {"x": x.numpy()})
         with torch.no_grad():
             _assert_close(got, layer64(x.double()).output, layer(x).output, f"layer B={x.shape[0]} N={n}")
+
+
+def test_attention_op_with_a_key_mask_exports_and_runs_at_any_length():
+    """sliding_window_attention (the fused op) exports as its band-product form."""
+    from longformer_tvm._checks import normalize_band as nb
+
+    from .oracle import dense_attention
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v, mask):
+            return lt.sliding_window_attention(q, k, v, 3, [1, 2], key_mask=mask != 0,
+                                               return_lse=True)
+
+    def inputs(n, seed):
+        q, k, v = (_randn(B, n, H, D, seed=seed + i) for i in range(3))
+        mask = (_randn(B, n, seed=seed + 3) > 0.8).to(torch.int64)
+        return q, k, v, mask
+
+    _, session = _export(Attention(), inputs(EXPORT_N, 0), ["q", "k", "v", "mask"])
+    band = nb("test", 3, [1, 2], False, H)
+    for n in RUN_N:
+        q, k, v, mask = inputs(n, n)
+        out, lse = session.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "mask": mask.numpy()})
+        want, want_lse = dense_attention(q, k, v, band, D ** -0.5, mask != 0)
+        plain, plain_lse = Attention()(q, k, v, mask)
+        _assert_close(out, want, plain, f"out N={n}")
+        _assert_close(lse, want_lse, plain_lse, f"lse N={n}")
