@@ -157,6 +157,12 @@ def test_forward_matches_dense_reference(case):
 @pytest.mark.parametrize("case", [c for c in CASES if c.id in ("pad-global", "dil-per-head", "ar-dil-per-head-global")],
                          ids=lambda c: c.id)
 def test_backward_matches_dense_reference(case):
+    check_backward(case)
+
+
+def check_backward(case: Case, before_references=None) -> None:
+    """The layer's gradients (input and every parameter) against the dense reference's;
+    ``before_references()`` runs right after ours (e.g. to assert which path ran)."""
     x, mask, glob = make_inputs(case)
     layer = make_layer(case)
     w = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
@@ -168,6 +174,8 @@ def test_backward_matches_dense_reference(case):
         return torch.autograd.grad(loss, [xx, *params])
 
     ours = grads(lambda xx: layer(xx, mask, glob).output, torch.float32)
+    if before_references is not None:
+        before_references()
     ref64 = grads(lambda xx: dense_reference(layer, xx, mask, glob)[0], torch.float64)
     ref32 = grads(lambda xx: dense_reference(layer, xx, mask, glob, torch.float32)[0], torch.float32)
     names = ["x"] + [n for n, _ in layer.named_parameters()]

@@ -13,7 +13,7 @@ import torch
 
 from longformer_tvm import _attend, _fused
 
-from .test_attention import CASES, Case, check_close, dense_reference, make_inputs, make_layer
+from .test_attention import CASES, Case, check_backward, check_close, dense_reference, make_inputs, make_layer
 
 
 @pytest.fixture(params=["forced", "served"])
@@ -49,24 +49,10 @@ def test_forward_matches_dense_reference(case, fused_path):
 @pytest.mark.parametrize("case", [c for c in CASES if c.id in ("pad-global", "dil-per-head", "ar-dil-per-head-global",
                                                                 "sparse-globals")], ids=lambda c: c.id)
 def test_backward_matches_dense_reference(case, fused_path):
-    x, mask, glob = make_inputs(case)
-    layer = make_layer(case)
-    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    def taken():
+        assert fused_path, "the fused path was not taken"
 
-    def grads(fn, dtype):
-        params = list(layer.parameters())
-        xx = x.to(dtype).requires_grad_(True)
-        loss = (fn(xx) * w.to(dtype)).sum()
-        return torch.autograd.grad(loss, [xx, *params])
-
-    ours = grads(lambda xx: layer(xx, mask, glob).output, torch.float32)
-    assert fused_path, "the fused path was not taken"
-    ref64 = grads(lambda xx: dense_reference(layer, xx, mask, glob)[0], torch.float64)
-    ref32 = grads(lambda xx: dense_reference(layer, xx, mask, glob, torch.float32)[0], torch.float32)
-    names = ["x"] + [n for n, _ in layer.named_parameters()]
-    for name, a, r64, r32 in zip(names, ours, ref64, ref32):
-        scale = max(r64.abs().max().item(), 1e-3)
-        check_close(a, r64, r32, factor=8.0, floor=1e-6 * scale, what=f"grad {name}")
+    check_backward(case, before_references=taken)
 
 
 def test_probabilities_and_training_dropout_keep_the_unfused_path(fused_path):
