@@ -22,6 +22,7 @@ import re
 
 from tvm import s_tir
 
+from . import schedules
 from .schedules import KNOB_PREFIX, _register_block
 
 #: Candidate values per knob. Rows must divide the tile height V * tm.
@@ -69,12 +70,7 @@ def hand_knobs(product: str, isa: str) -> dict:
 
 
 def _knob(sch: s_tir.Schedule, product: str, knobs: dict, name: str, block):
-    value = knobs.get(name)
-    if value is None:
-        cands = SPACE[product][name]
-        value = sch.sample_categorical(candidates=cands, probs=[1.0 / len(cands)] * len(cands))
-    sch.annotate(block, KNOB_PREFIX + name, value)
-    return value
+    return schedules._knob(sch, product, knobs, name, block, space=SPACE)
 
 
 def key_gemm(sch, product, knobs, name: str, knob: str, v: int) -> None:

@@ -66,12 +66,12 @@ def pv_group(isa: str) -> int:
 KNOB_PREFIX = "lftvm_knob_"
 
 
-def _knob(sch: s_tir.Schedule, product: str, knobs: dict, name: str, block):
-    """A knob's value (fixed, or sampled from SPACE), also recorded as an annotation on ``block``
-    so a build from the scheduled module knows the knobs it was made with."""
+def _knob(sch: s_tir.Schedule, product: str, knobs: dict, name: str, block, space=None):
+    """A knob's value (fixed, or sampled from ``space``, default SPACE), also recorded as an
+    annotation on ``block`` so a build from the scheduled module knows the knobs it was made with."""
     value = knobs.get(name)
     if value is None:
-        cands = SPACE[product][name]
+        cands = (SPACE if space is None else space)[product][name]
         value = sch.sample_categorical(candidates=cands, probs=[1.0 / len(cands)] * len(cands))
     sch.annotate(block, KNOB_PREFIX + name, value)
     return value
