@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from .memory import reset_peak_rss, status_kib
+
 
 def flops_band(b: int, n: int, h: int, d: int, c: int) -> float:
     """Useful FLOPs of one band product (QK or PV): 2 * B * N * H * C * D."""
@@ -89,31 +91,17 @@ def fused_served() -> bool:
     return _fused.served("cpu", torch.float32)
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def peak_extra_mib(fn) -> float | None:
     """Resident memory (MiB) one call of ``fn`` adds at its peak over the RSS before it (Linux:
     VmHWM after resetting it through /proc/self/clear_refs); None where that cannot be read.
 
     Memory that an allocator kept from an earlier call is not counted again: call it after the
     timings, as the benchmarks do, for the working memory of a warm call."""
-    before = _status_kib("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-    except OSError:
+    before = status_kib("VmRSS")
+    if not reset_peak_rss():
         return None
     fn()
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     return None if before is None or peak is None else max(peak - before, 0) / 1024
 
 

@@ -25,19 +25,9 @@ import subprocess
 import sys
 import time
 
-from baselines import _status_kib  # benchmarks/ is on sys.path when run as a script
+from memory import reset_peak_rss, status_kib  # benchmarks/ is on sys.path when run as a script
 
 IMPLS = ("transformers", "longformer_tvm")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM (Linux >= 4.0) so the peak measures the forwards, not the model build."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _model_and_inputs(args):
@@ -112,14 +102,14 @@ def worker(args) -> dict:
     for _ in range(args.warmup):
         _step(model, inputs, args.train)
     model.zero_grad(set_to_none=True)
-    baseline = _status_kib("VmRSS")
-    reset = _reset_peak_rss()
+    baseline = status_kib("VmRSS")
+    reset = reset_peak_rss()
     times = []
     for _ in range(args.repeat):
         start = time.perf_counter()
         _step(model, inputs, args.train)
         times.append(time.perf_counter() - start)
-    peak = _status_kib("VmHWM") if reset else None
+    peak = status_kib("VmHWM") if reset else None
     if peak is None:  # no /proc: the lifetime peak, model build included
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if args.impl == "longformer_tvm":

@@ -32,6 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.memory import reset_peak_rss, status_kib  # noqa: E402
+
 B, H, D = 1, 12, 64
 
 
@@ -115,14 +117,6 @@ def measure(n: int, w: int, reps: int, flex: bool) -> list[dict]:
     return rows
 
 
-def _vmhwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def memory_point(n: int, w: int, what: str) -> dict:
     """Peak memory a call adds over its inputs and the tensors it returns (run in a subprocess)."""
     q, k, v, dout = (torch.randn(B, n, H, D) for _ in range(4))
@@ -134,14 +128,13 @@ def memory_point(n: int, w: int, what: str) -> dict:
     returned = [out, lse, *grads]
     for t in returned:
         t.zero_()  # fault the returned tensors in: they are counted as returned, not extra
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    reset_peak_rss()
     delta = torch.zeros(B, n, H)  # stands for the op's rowsum(dO * O), outside the kernels
-    before = _vmhwm()
+    before = 1024 * (status_kib("VmHWM") or 0)
     fused_forward(q, k, v, w, mask, out, lse)
     if grads:
         fused_backward(q, k, v, w, mask, out, lse, dout, grads, delta)
-    extra = _vmhwm() - before
+    extra = 1024 * (status_kib("VmHWM") or 0) - before
     size = sum(t.numel() * t.element_size() for t in returned)
     return {"what": what, "n": n, "w": w, "extra_mb": extra / 2 ** 20, "returned_mb": size / 2 ** 20}
 

@@ -102,10 +102,8 @@ def attend_fused(layer: nn.Module, x: torch.Tensor, masks: TokenMasks,
     out, lse = _fused.attention(q, k, v, band, 1.0, masks.removed_keys())
     glob = masks.glob
     if glob is not None:
-        neg = torch.finfo(x.dtype).min
-        g_scores = torch.einsum("bnhd,bghd->bnhg", q, glob.gather(k)).to(lse.dtype)
-        g_scores = fill_(g_scores, glob.key_mask(q.shape[1], band.autoregressive).unsqueeze(2), neg)
-        g_lse = torch.logsumexp(g_scores, dim=-1)  # finite: masked slots are `neg`, not -inf
+        g_scores = global_scores(q, k, glob, band, torch.finfo(x.dtype).min).to(lse.dtype)
+        g_lse = torch.logsumexp(g_scores, dim=-1)  # finite: unseen slots hold the lowest value
         g_out = torch.einsum("bnhg,bghd->bnhd", torch.exp(g_scores - g_lse.unsqueeze(-1)).to(x.dtype),
                              glob.gather(v))
         total = torch.logaddexp(lse, g_lse)
@@ -144,13 +142,18 @@ def local_scores(q: torch.Tensor, k: torch.Tensor, band: Band, masks: TokenMasks
     removed = masks.removed_keys()
     if removed is not None:
         remove_keys_(scores, removed, band, neg)
-    glob = masks.glob
-    if glob is None:
+    if masks.glob is None:
         return scores, None
-    k_glob = glob.gather(k)  # (B, G, H, D): the global tokens' *local* keys
-    g_scores = torch.einsum("bnhd,bghd->bnhg", q, k_glob)
-    g_scores = fill_(g_scores, glob.key_mask(q.shape[1], band.autoregressive).unsqueeze(2), neg)
-    return scores, g_scores
+    return scores, global_scores(q, k, masks.glob, band, neg)
+
+
+def global_scores(q: torch.Tensor, k: torch.Tensor, glob: GlobalIndex, band: Band,
+                  neg: float) -> torch.Tensor:
+    """The local queries' scores (B, N, H, G) against the global tokens' *local* keys; ``neg``
+    at the global slots a query must not see (past its sample's count; after it when
+    autoregressive)."""
+    g_scores = torch.einsum("bnhd,bghd->bnhg", q, glob.gather(k))
+    return fill_(g_scores, glob.key_mask(q.shape[1], band.autoregressive).unsqueeze(2), neg)
 
 
 def mix_values(band_p: torch.Tensor, glob_p: torch.Tensor | None, v: torch.Tensor, band: Band,

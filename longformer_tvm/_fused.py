@@ -122,20 +122,22 @@ def _finite(t: torch.Tensor) -> bool:
         return bool(np.isfinite(t.detach().numpy().sum()))
 
 
-def _band(left: int, right: int, dilation: list[int]) -> Band:
-    return Band(left=left, right=right, dilation=tuple(dilation))
-
-
 def _mask_arg(key_mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
-    """The kernels' key mask: (B, N) uint8, 1 = excluded (zeros where none is given)."""
+    """The kernels' key mask: (B, N) uint8, 1 = excluded (a broadcast zero where none is given:
+    the kernels take any strides)."""
     if key_mask is None:
-        return torch.zeros(q.shape[:2], dtype=torch.uint8, device=q.device)
-    return key_mask.to(torch.uint8).contiguous()
+        return torch.zeros(1, 1, dtype=torch.uint8, device=q.device).expand(q.shape[:2])
+    return key_mask.to(torch.uint8)
 
 
-def _runs(band: Band, n: int):
+def _per_run(kernel, band: Band, n: int, tensors: tuple, scale: float) -> None:
+    """``kernel(*tensors, left, right, d, scale)`` once per run of heads with equal dilation,
+    on each (B, N, H, ...) tensor's heads of the run (the (B, N) key mask whole)."""
     for h0, h1, d in band.head_runs():
-        yield h0, h1, min(d, n)  # beyond N every off-centre key is outside the sequence
+        heads = slice(h0, h1)
+        # beyond N every off-centre key is outside the sequence: the same band as d = N
+        kernel(*(t if t.dim() == 2 else t[:, :, heads] for t in tensors), band.left, band.right,
+               min(d, n), scale)
 
 
 # ---- the ops -------------------------------------------------------------------------------
@@ -143,7 +145,7 @@ def _runs(band: Band, n: int):
 def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
                    left: int, right: int, dilation: list[int],
                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    band = _band(left, right, dilation)
+    band = ops._band(left, right, dilation)
     kernel = _kernel(FORWARD, q)
     # an inf or NaN score would pass the kernel's max and polynomial exp as a finite number
     if kernel is None or q.numel() == 0 or not (_finite(q) and _finite(k)):
@@ -152,11 +154,7 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: 
     q, k, v = ops._prepare(q), ops._prepare(k), ops._prepare(v)
     out = torch.empty(v.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=lse_dtype(q.dtype), device=q.device)
-    mask = _mask_arg(key_mask, q)
-    for h0, h1, d in _runs(band, q.shape[1]):
-        heads = slice(h0, h1)
-        kernel(q[:, :, heads], k[:, :, heads], v[:, :, heads], mask, out[:, :, heads],
-               lse[:, :, heads], left, right, d, scale)
+    _per_run(kernel, band, q.shape[1], (q, k, v, _mask_arg(key_mask, q), out, lse), scale)
     if not _finite(out):
         out, lse = composite(q, k, v, key_mask, band, scale, differentiable=False)
     return out.contiguous(), lse.contiguous()
@@ -173,7 +171,7 @@ def band_attention_backward(dout: torch.Tensor, dlse: torch.Tensor, q: torch.Ten
                             out: torch.Tensor, lse: torch.Tensor, left: int, right: int,
                             dilation: list[int], scale: float
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    band = _band(left, right, dilation)
+    band = ops._band(left, right, dilation)
     kernel = _kernel(BACKWARD, q)
     # D_i = rowsum(dO * O) - dlse_i: the LSE's gradient enters the backward as a shift of D
     # (a batched dot product: no (B, N, H, D) temporary, unlike (dout * out).sum(-1))
@@ -183,12 +181,8 @@ def band_attention_backward(dout: torch.Tensor, dlse: torch.Tensor, q: torch.Ten
         return composite_backward(dout, q, k, v, key_mask, lse, delta, band, scale)
     q, k, v, dout = (ops._prepare(t) for t in (q, k, v, dout))
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    mask = _mask_arg(key_mask, q)
-    for h0, h1, d in _runs(band, q.shape[1]):
-        heads = slice(h0, h1)
-        kernel(q[:, :, heads], k[:, :, heads], v[:, :, heads], mask, dout[:, :, heads],
-               lse[:, :, heads], delta[:, :, heads], dq[:, :, heads], dk[:, :, heads],
-               dv[:, :, heads], left, right, d, scale)
+    _per_run(kernel, band, q.shape[1],
+             (q, k, v, _mask_arg(key_mask, q), dout, lse, delta, dq, dk, dv), scale)
     if not (_finite(dq) and _finite(dk) and _finite(dv)):
         return composite_backward(dout, q, k, v, key_mask, lse, delta, band, scale)
     return dq, dk, dv
@@ -232,7 +226,7 @@ def _register_forward_ad(lib: torch.library.Library) -> None:
     def kernel(keyset, q, k, v, key_mask, left, right, dilation, scale):
         if all(fwAD.unpack_dual(t).tangent is None for t in (q, k, v)):
             return reverse(keyset, q, k, v, key_mask, left, right, dilation, scale)
-        return composite(q, k, v, key_mask, _band(left, right, dilation), scale)
+        return composite(q, k, v, key_mask, ops._band(left, right, dilation), scale)
 
     with warnings.catch_warnings():  # it replaces register_autograd's kernel, on purpose
         warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
@@ -247,7 +241,7 @@ _register_forward_ad(_FORWARD_AD)
 # products decompose into standard operators in turn (_decompose.py): standard ONNX at any N.
 # Contiguous, as the op returns them (see _decompose.py on why strides matter there).
 def _decomposed(q, k, v, key_mask, left, right, dilation, scale):
-    out, lse = composite(q, k, v, key_mask, _band(left, right, dilation), scale)
+    out, lse = composite(q, k, v, key_mask, ops._band(left, right, dilation), scale)
     return out.contiguous(), lse.contiguous()
 
 
