@@ -6,7 +6,8 @@
     longformer-tvm ...                      # the same commands, from an installed wheel
     python build_kernels.py build [--target cpu] [--isa host|all|avx512,avx2,generic]
                                   [--dtype float32,float64] [--schedule tuned|hand|naive] [--out DIR]
-    python build_kernels.py tune --target cpu [--trials N] [--seed S] [--isa host] [--dtype float32]
+    python build_kernels.py tune --target cpu [--trials N] [--seed S] [--isa host|avx2,avx512]
+                                 [--dtype float32,float64] [--products qk,pv,...] [--classes narrow,...]
                                  [--rpc-tracker HOST:PORT --rpc-key KEY]
     python build_kernels.py compare [--quick] [--out benchmarks/out]
     python build_kernels.py selfcheck [--quick] [--emulate-cuda]
@@ -90,7 +91,7 @@ def cmd_build(args) -> int:
         return cuda_build.main(args)
     from longformer_tvm._contract import DTYPES
     from tvm_kernels.cpu import build as cpu_build
-    from tvm_kernels.cpu import attention_schedules, tune
+    from tvm_kernels.cpu import tune
 
     dtypes = _csv(args.dtype) if args.dtype else list(DTYPES["cpu"])
     bad = [d for d in dtypes if d not in DTYPES["cpu"]]
@@ -100,19 +101,10 @@ def cmd_build(args) -> int:
     steps = [(isa, dtype) for isa in _isas(args.isa) for dtype in dtypes]
     for isa, dtype in progress(steps, "build", lambda step: f"cpu {step[0]} {step[1]}"):
         t0 = time.perf_counter()
-        traces = {}
-        if args.schedule == "tuned":
-            traces = tune.load_traces(isa, dtype, Path(args.db))
-        name = "naive" if args.schedule == "naive" else " ".join(
-            f"{p}:{'tuned' if p in traces else 'hand'}{tune.knobs_of(p, isa, traces.get(p))}"
-            for p in ("qk", "pv", "tpv")) + " " + " ".join(
-            f"{p}:hand{attention_schedules.hand_knobs(k, isa)}"
-            for p, k in (("attention", "attention"), ("attention_backward", "attention_grad")))
+        records = tune.load_records(isa, dtype, Path(args.db)) if args.schedule == "tuned" else {}
         schedule = "naive" if args.schedule == "naive" else "hand"
-        entry = cpu_build.build_cpu(dtype, isa, out, schedule=schedule, traces=traces,
-                                    schedule_name=name)
-        logger.info("%-8s %-8s %-28s %5.1fs -> %s", isa, dtype, entry["schedule"],
-                    time.perf_counter() - t0, out / entry["file"])
+        entry = cpu_build.build_cpu(dtype, isa, out, schedule_kind=schedule, records=records)
+        logger.info("%-8s %-8s %5.1fs -> %s", isa, dtype, time.perf_counter() - t0, out / entry["file"])
     return 0
 
 
@@ -132,7 +124,8 @@ def cmd_tune(args) -> int:
             try:
                 tune.tune_cpu(isa, dtype, trials=args.trials, seed=args.seed,
                               db_root=Path(args.db or default_tune_db()),
-                              products=_csv(args.products), rpc=rpc)
+                              products=_csv(args.products), rpc=rpc,
+                              classes=_csv(args.classes), confirm_rounds=args.confirm_rounds)
             except ValueError as exc:
                 raise SystemExit(str(exc)) from None
     return 0
@@ -190,8 +183,12 @@ def main(argv=None) -> int:
     t.add_argument("--target", choices=["cpu", "cuda"], default="cpu")
     t.add_argument("--isa", default="host")
     t.add_argument("--dtype", default="float32")
-    t.add_argument("--products", default="qk,pv,tpv")
-    t.add_argument("--trials", type=int, default=16)
+    t.add_argument("--products", default="qk,pv,tpv,attention")
+    t.add_argument("--classes", default=",".join(c for c, _, _ in _contract.WINDOW_CLASSES),
+                   help="window classes to tune (each at its representative window)")
+    t.add_argument("--trials", type=int, default=9, help="candidates per product and class")
+    t.add_argument("--confirm-rounds", type=int, default=5, help="interleaved rounds that time the "
+                   "hand schedule and the best candidates again before one is chosen (0: none)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--db", default="", help="default: prebuilt/tuning/ in a checkout, "
                    "<cache>/tuning when installed")

@@ -26,12 +26,14 @@ import torch
 import longformer_tvm as lt
 from longformer_tvm import backends, ops
 from longformer_tvm._checks import normalize_band
+from longformer_tvm._contract import window_class
+from longformer_tvm._registry import Dispatch
 
 from . import baselines as bl
 
 logger = logging.getLogger("compare")
 
-SHAPES = [(1024, 64), (4096, 64), (4096, 256), (8192, 256)]
+SHAPES = [(1024, 64), (4096, 16), (4096, 64), (4096, 256), (8192, 256)]
 QUICK_SHAPES = [(4096, 256)]
 B, H, D = 1, 12, 64
 
@@ -43,7 +45,7 @@ def _schedule_libraries(quick: bool) -> tuple[dict, dict]:
     entry = backends.chosen_entries()["cpu/float32"]
     sched = str(entry.info.get("schedule", ""))
     kind = "tuned+hand" if "tuned" in sched and "hand" in sched else ("tuned" if "tuned" in sched else "hand")
-    names = {"shipped": f"shipped ({kind}, {entry.info.get('isa')})"}
+    names = {"shipped": f"ours (shipped, {kind}, {entry.info.get('isa')})"}
     if quick or not backends.compiler_available():
         return libs, names
     import tvm
@@ -138,7 +140,9 @@ def run(quick: bool):
                                      _call(funcs[product], a, bb, band, (B, n, H, last), pad,
                                            key == "naive"))
                 rows.append(dict(kind=product, impl=names[key], n=n, w=w, secs=secs,
-                                 base=base.get(product, base["pv"])))
+                                 base=base.get(product, base["pv"]),
+                                 variant=variant_used(funcs[product], product, band)
+                                 if key == "shipped" else key))
         # what a user calls: the public functions, with their input checks and output pool
         for product, call in {
                 "qk": lambda: lt.sliding_window_qk(q, k, w, padding_value=float("-inf")),
@@ -175,14 +179,36 @@ def run(quick: bool):
     return rows, sgemm
 
 
+def variant_used(fn, product: str, band) -> str:
+    """Which compiled variant a call of ``fn`` at ``band`` runs: its symbol and its schedule (from
+    the loaded library's dispatch table), or the one function of a library without variants."""
+    if not isinstance(fn, Dispatch):
+        return "(one function)"
+    symbol, _ = fn.choose(band.left, band.right)
+    entry = backends.chosen_entries().get("cpu/float32")
+    rows = (entry.info.get("variants") or {}).get(product, []) if entry is not None else []
+    sched = next((r["schedule"] for r in rows if r["function"] == symbol), "")
+    return f"{symbol} {sched}".strip()
+
+
 def print_table(rows, sgemm) -> None:
     print(f"torch SGEMM in this run: {sgemm:.1f} GFLOP/s (float32, B={B}, H={H}, D={D})")
     print(f"{'op':18s} {'implementation':34s} {'N':>6s} {'w':>4s} {'ms':>9s} {'GFLOP/s':>8s} "
-          f"{'%SGEMM':>7s} {'x chunks':>8s} {'peak MiB':>9s}")
+          f"{'%SGEMM':>7s} {'x chunks':>8s} {'peak MiB':>9s}  variant")
     for r in rows:
         peak = "" if r.get("peak_mib") is None else f"{r['peak_mib']:9.0f}"
         print(f"{r['kind']:18s} {r['impl'][:34]:34s} {r['n']:6d} {r['w']:4d} {1e3 * r['secs']:9.2f} "
-              f"{r['gflops']:8.1f} {r['pct_sgemm']:6.1f}% {r['speedup']:7.2f}x {peak}")
+              f"{r['gflops']:8.1f} {r['pct_sgemm']:6.1f}% {r['speedup']:7.2f}x {peak:>9s}  "
+              f"{r.get('variant', '')}")
+    shipped = [r for r in rows if r.get("variant") not in (None, "hand", "naive")]
+    hand = {(r["kind"], r["n"], r["w"]): r["secs"] for r in rows if r.get("variant") == "hand"}
+    if shipped and hand:
+        print("tuned (shipped) against hand, by window class (the variant each call used):")
+        for r in shipped:
+            h = hand.get((r["kind"], r["n"], r["w"]))
+            if h is not None:
+                print(f"  {r['kind']:4s} N={r['n']:<5d} w={r['w']:<4d} {h / r['secs']:5.2f}x  "
+                      f"[{window_class(2 * r['w'] + 1)}] {r['variant']}")
 
 
 TITLES = {"qk": "banded Q Kᵀ", "pv": "banded P V", "tpv": "transposed P V (backward)",

@@ -35,8 +35,11 @@ CASES = [
     (1, 333, 4, 24, 17, [1, 2, 3, 1], False),
     (2, 1024, 2, 64, 256, 1, False),
     (1, 1024, 2, 64, 64, [2, 1], True),
+    (1, 300, 2, 16, 40, 1, False),            # the medium window class's variants (C = 81)
+    (1, 600, 1, 16, 140, [3], False),         # the wide class's (C = 281)
 ]
-QUICK = CASES[:5]
+#: Small cases of every window class (each may have its own compiled variant: ``variants``).
+QUICK = CASES[:5] + CASES[-2:]
 #: The product tests' table, sized for the emulator (a CPU thread runs every CUDA thread).
 EMULATED = [
     (1, 1, 1, 8, 0, 1, False),                # N = 1

@@ -128,6 +128,32 @@ SOURCES = {
 #: (B, N, H, D, w, dilation): the paper's and the benchmarks' shape, where tuning measures.
 TUNING_SHAPE = (1, 4096, 12, 64, 256, 1)
 
+#: Window classes of the CPU libraries' variants: (name, the largest C = left + right + 1 the class
+#: serves (None: every larger C), the window w it is tuned at, C = 2w + 1). A product's fixed costs
+#: per row (packing, the band's read-off, the edges) weigh on narrow bands, where tuning picks other
+#: tiles and register blocks than on wide ones. The bounds sit between the representative windows
+#: (C = 33, 129, 513 at w = 16, 64, 256, the windows of the tuning acceptance): w <= 32, w <= 128.
+WINDOW_CLASSES = (("narrow", 65, 16), ("medium", 257, 64), ("wide", None, 256))
+#: Where each CPU product's call takes ``left`` (``right`` follows it): the dispatch by window reads it.
+WINDOW_ARG = {"qk": 3, "pv": 3, "tpv": 3, "attention": 6, "attention_backward": 10}
+
+
+def window_class(columns: int) -> str:
+    """The class (WINDOW_CLASSES) that serves a band of ``columns`` = left + right + 1."""
+    for name, most, _ in WINDOW_CLASSES:
+        if most is None or columns <= most:
+            return name
+    raise AssertionError("the last window class has no bound")
+
+
+def class_shape(name: str) -> tuple[int, int, int, int, int, int]:
+    """(B, N, H, D, w, dilation) at which the window class ``name`` is tuned."""
+    for cls, _, w in WINDOW_CLASSES:
+        if cls == name:
+            b, n, h, d, _, dil = TUNING_SHAPE
+            return (b, n, h, d, w, dil)
+    raise ValueError(f"window class must be one of {[c for c, _, _ in WINDOW_CLASSES]}, got {name!r}")
+
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()

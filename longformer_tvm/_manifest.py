@@ -82,6 +82,9 @@ def _entry_problem(directory: Path, e) -> str:
             and all(isinstance(v, str) for v in functions.values())):
         return (f"functions={functions!r:.160} must map each of {wanted} to a symbol name (a "
                 f"{e['device']} library holds them all; rebuild an older one)")
+    problem = _variants_problem(e.get("variants"), functions)
+    if problem:
+        return problem
     for key in ENTRY_LISTS:
         value = e.get(key, [])
         if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
@@ -91,6 +94,29 @@ def _entry_problem(directory: Path, e) -> str:
     for key in ENTRY_OPTIONAL_STRINGS:
         if key in e and not isinstance(e[key], (str, type(None))):
             return f"{key}={e[key]!r:.80} must be a string"
+    return ""
+
+
+def _variants_problem(table, functions: dict) -> str:
+    """Why a ``variants`` dispatch table is malformed ('' if absent or well formed): {product:
+    [{"max_columns": int, "function": symbol, ...}, ..., {"max_columns": null, ...}]}, bounds
+    increasing, the last unbounded, for products the entry has."""
+    if table is None:
+        return ""
+    if not isinstance(table, dict):
+        return f"variants={table!r:.80} must map products to dispatch rows"
+    for product, rows in table.items():
+        if product not in functions:
+            return f"variants names product {product!r:.40}, which the entry's functions lack"
+        if not (isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows)
+                and all(isinstance(r.get("function"), str) for r in rows)):
+            return f"variants[{product!r}] must be a non-empty list of rows naming a 'function'"
+        bounds = [r.get("max_columns") for r in rows]
+        if bounds[-1] is not None or not all(
+                isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in bounds[:-1]) or \
+                any(a >= b for a, b in zip(bounds[:-2], bounds[1:-1])):
+            return (f"variants[{product!r}] max_columns={bounds} must be increasing positive "
+                    "integers ending with null (every wider band)")
     return ""
 
 

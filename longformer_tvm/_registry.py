@@ -40,7 +40,7 @@ import filelock
 import torch
 
 from . import _install
-from ._contract import KERNEL_SOURCES, source_hash
+from ._contract import KERNEL_SOURCES, WINDOW_ARG, source_hash
 from ._errors import KernelIntegrityError, KernelNotAvailableError
 from ._manifest import LibraryEntry, digest, read_manifest
 
@@ -105,6 +105,32 @@ class Backend:
 
     def info(self) -> dict:
         return {}
+
+
+class Dispatch:
+    """A product's compiled variants, chosen per call by the band's width: the first row whose
+    ``max_columns`` is at least ``left + right + 1`` (the manifest's ``variants`` table, which
+    tuning produced). Called like the kernels themselves."""
+
+    __slots__ = ("product", "rows", "_left")
+
+    def __init__(self, product: str, rows: list):
+        self.product, self.rows = product, rows
+        self._left = WINDOW_ARG[product]
+
+    def choose(self, left: int, right: int) -> tuple[str, object]:
+        """(symbol, function) serving a band of ``left`` and ``right`` diagonals."""
+        columns = left + right + 1
+        for most, name, fn in self.rows:
+            if most is None or columns <= most:
+                return name, fn
+        return self.rows[-1][1], self.rows[-1][2]
+
+    def __call__(self, *args):
+        return self.choose(args[self._left], args[self._left + 1])[1](*args)
+
+    def __repr__(self) -> str:
+        return f"Dispatch({self.product}: {[(m, n) for m, n, _ in self.rows]})"
 
 
 def unusable_reasons(entry: LibraryEntry, key: Key, backend: Backend,
@@ -306,7 +332,11 @@ class Registry:
                 logger.info("loaded %s (%s, %s)", entry.path,
                             entry.info.get("isa") or entry.info.get("archs"), entry.dtype)
             try:
-                return {p: module[name] for p, name in entry.info["functions"].items()}
+                functions = {p: module[name] for p, name in entry.info["functions"].items()}
+                for product, rows in (entry.info.get("variants") or {}).items():
+                    functions[product] = Dispatch(product, [
+                        (row["max_columns"], row["function"], module[row["function"]]) for row in rows])
+                return functions
             except Exception as exc:  # noqa: BLE001
                 raise KernelIntegrityError(
                     f"{entry.path} lacks a function its manifest names ({entry.info['functions']}): "

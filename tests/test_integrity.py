@@ -208,6 +208,15 @@ MALFORMED_ENTRIES = {  # a dict is a change to a good entry (DROP removes the ke
     "cpu_features a string": {"cpu_features": "avx2"},
     "sources outside the repository": {"sources": ["../../etc/passwd"]},
     "isa a list": {"isa": ["avx2"]},
+    "variants a list": {"variants": [["qk", "band_qk"]]},
+    "variants of an unknown product": {"variants": {"xx": [{"max_columns": None, "function": "band_qk"}]}},
+    "variants without a function": {"variants": {"qk": [{"max_columns": None}]}},
+    "variants ending bounded": {"variants": {"qk": [{"max_columns": 65, "function": "band_qk"}]}},
+    "variants bounds decreasing": {"variants": {"qk": [{"max_columns": 65, "function": "band_qk"},
+                                                       {"max_columns": 9, "function": "band_qk"},
+                                                       {"max_columns": None, "function": "band_qk"}]}},
+    "variants bound a bool": {"variants": {"qk": [{"max_columns": True, "function": "band_qk"},
+                                                  {"max_columns": None, "function": "band_qk"}]}},
 }
 
 
@@ -261,6 +270,14 @@ def test_a_file_that_matches_its_sha256_but_is_no_library_is_an_error(lab):
 
 def test_a_library_without_the_named_functions_is_an_error(lab):
     lab.write_manifest([lab.entry_for(functions={**_contract.products("cpu"), "tpv": "no_such"})])
+    with pytest.raises(lt.KernelIntegrityError, match="lacks a function"):
+        _qk()
+
+
+def test_a_library_without_a_variant_its_dispatch_table_names_is_an_error(lab):
+    variants = {**lab.entry.get("variants", {}), "qk": [
+        {"max_columns": 9, "function": "band_qk__no_such"}, {"max_columns": None, "function": "band_qk"}]}
+    lab.write_manifest([lab.entry_for(variants=variants)])
     with pytest.raises(lt.KernelIntegrityError, match="lacks a function"):
         _qk()
 

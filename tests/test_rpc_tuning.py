@@ -6,69 +6,27 @@ Needs the TVM compiler (the build extra); skipped without it.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
-import time
 
 import pytest
 
 tvm = pytest.importorskip("tvm")
 pytest.importorskip("tvm.s_tir.meta_schedule")
 
-from tvm import rpc  # noqa: E402
-
 from longformer_tvm._contract import REPO_DIR  # noqa: E402
 
 sys.path.insert(0, str(REPO_DIR))
 from tvm_kernels.cpu import tune  # noqa: E402
-from tvm_kernels.rpc import parse_tracker  # noqa: E402
+from tvm_kernels.rpc import loopback_pool, parse_tracker  # noqa: E402
 
 KEY = "lftvm-test"
 PRODUCT, ISA, DTYPE, TRIALS = "pv", "generic", "float32", 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tracker():
-    port = _free_port()
-    env = {**os.environ, "TVM_NUM_THREADS": "1"}  # two servers share this machine's cores
-    procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
-                               "--port", str(port), "--port-end", str(port + 1)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    try:
-        _wait(lambda: rpc.connect_tracker("127.0.0.1", port).summary(), "the tracker")
-        for _ in range(2):
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}",
-                 "--key", KEY, "--host", "127.0.0.1", "--port", str(server_port := _free_port()),
-                 "--port-end", str(server_port + 1)], env=env,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        _wait(lambda: rpc.connect_tracker("127.0.0.1", port).summary()["queue_info"][KEY]["free"] == 2,
-              "two servers")
-        yield f"127.0.0.1:{port}"
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-
-
-def _wait(probe, what: str, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if probe():
-                return
-        except Exception:  # not up yet
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{what} did not come up within {timeout:.0f} s")
+    with loopback_pool(2, KEY) as address:  # two servers share this machine's cores
+        yield address
 
 
 def _candidates(db) -> list[dict]:
@@ -78,7 +36,8 @@ def _candidates(db) -> list[dict]:
                                         str(db / "database_tuning_record.json"), allow_missing=False,
                                         module_equality="structural")
     records = [r for r in database.get_all_tuning_records() if r.run_secs]
-    return sorted((tune.knob_values(r.trace, PRODUCT) for r in records), key=lambda k: sorted(k.items()))
+    return sorted((str(r.workload.mod["main"].attrs["lftvm_structure"]), sorted(tune.knob_values(r.trace).items()))
+                  for r in records)
 
 
 def test_rpc_database_replays_like_a_local_one(tracker, tmp_path):
@@ -90,17 +49,22 @@ def test_rpc_database_replays_like_a_local_one(tracker, tmp_path):
     from tvm_kernels.cpu import build
 
     remote = tune.tune_cpu(ISA, DTYPE, TRIALS, seed=3, db_root=tmp_path / "rpc", products=(PRODUCT,),
-                           rpc=(tracker, KEY))
-    local = tune.tune_cpu(ISA, DTYPE, TRIALS, seed=3, db_root=tmp_path / "local", products=(PRODUCT,))
+                           classes=("narrow",), confirm_rounds=0, rpc=(tracker, KEY))
+    local = tune.tune_cpu(ISA, DTYPE, TRIALS, seed=3, db_root=tmp_path / "local", products=(PRODUCT,),
+                          classes=("narrow",), confirm_rounds=0)
     measured = _candidates(remote)
-    assert len(measured) == TRIALS, "every candidate measured on the servers"
+    assert len(measured) == TRIALS + 1, "the hand schedule and every candidate measured on the servers"
     assert measured == _candidates(local), "same seed, same candidates"
 
     # the RPC database's best replays onto the symbolic function, and the library it makes is right
-    traces = tune.load_traces(ISA, DTYPE, tmp_path / "rpc")
-    assert set(traces) == {PRODUCT}
-    entry = build.build_cpu(DTYPE, ISA, tmp_path / "lib", traces=traces, schedule_name="rpc-test")
-    fn = tvm_ffi.load_module(str(tmp_path / "lib" / entry["file"]))["band_pv"]
+    records = tune.load_records(ISA, DTYPE, tmp_path / "rpc")
+    assert set(records) == {(PRODUCT, "narrow")}
+    entry = build.build_cpu(DTYPE, ISA, tmp_path / "lib", records=records)
+    narrow = entry["variants"][PRODUCT][0]
+    structure, trace, knobs = records[(PRODUCT, "narrow")]
+    assert narrow["class"] == "narrow"
+    assert narrow["schedule"] == build.Variant(PRODUCT, structure, knobs, trace).describe()
+    fn = tvm_ffi.load_module(str(tmp_path / "lib" / entry["file"]))[narrow["function"]]
     band = normalize_band("t", 5, 1, False, 2)
     p, v = torch.randn(1, 40, 2, band.columns), torch.randn(1, 40, 2, 8)
     out = torch.empty(1, 40, 2, 8)

@@ -20,6 +20,7 @@ the timing function here appends the scalars.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -85,3 +86,56 @@ def free_servers(host: str, port: int, key: str) -> int:
         return 0
     queue = summary.get("queue_info", {}).get(key, {})
     return int(queue.get("free", 0)) + int(queue.get("pending", 0))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(probe, what: str, timeout: float) -> None:
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if probe():
+                return
+        except Exception:  # noqa: BLE001  (not up yet)
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{what} did not come up within {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def loopback_pool(servers: int, key: str, threads: int = 1, timeout: float = 60.0):
+    """A tracker and ``servers`` RPC servers under ``key`` on 127.0.0.1, each server timing with
+    ``threads`` threads; yields the tracker's "HOST:PORT" and stops them all on exit. For tests and
+    benchmarks: servers on one machine share its cores, so they measure no faster than one."""
+    import subprocess
+    import sys
+
+    from tvm import rpc
+
+    port = _free_port()
+    env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
+    quiet = {"env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
+                               "--port", str(port), "--port-end", str(port + 1)], **quiet)]
+    try:
+        _wait(lambda: rpc.connect_tracker("127.0.0.1", port).summary(), "the tracker", timeout)
+        for _ in range(servers):
+            sport = _free_port()
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}",
+                 "--key", key, "--host", "127.0.0.1", "--port", str(sport),
+                 "--port-end", str(sport + 1)], **quiet))
+        _wait(lambda: free_servers("127.0.0.1", port, key) == servers, f"{servers} servers", timeout)
+        yield f"127.0.0.1:{port}"
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

@@ -42,8 +42,15 @@ HAND = {
                             "dkv_cols": 2}},
 }
 
-#: Tile height in vectors (tiles of V * TILE_TM rows), by dtype.
+#: Tile height in vectors (tiles of V * TILE_TM rows), by dtype: the hand structure.
 TILE_TM = {"float32": 2, "float64": 4}
+#: The tile heights tuning tries (a structural choice: the formulation's buffers follow it).
+TILE_TMS = {"float32": [2, 1], "float64": [4, 2]}
+
+
+def structures(dtype: str) -> list[dict]:
+    """The fused kernels' structural choices (``make_attention``'s ``tm``), the hand one first."""
+    return [{"tm": tm} for tm in TILE_TMS[dtype]]
 
 
 def _block(sch: s_tir.Schedule, base: str):

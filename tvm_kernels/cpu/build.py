@@ -9,6 +9,7 @@ manifest entry are published together (:func:`tvm_kernels.publish.publish_librar
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import filelock
 import tvm
 from tvm import s_tir, te
 
-from longformer_tvm._contract import FUSED_PRODUCTS, PRODUCTS
+from longformer_tvm._contract import FUSED_PRODUCTS, PRODUCTS, WINDOW_CLASSES
 
 from .. import band, publish
 from . import attention, attention_grad, attention_schedules, kernels, schedules
@@ -25,13 +26,32 @@ from .targets import CPU_TARGETS, CpuTarget
 logger = logging.getLogger("tvm_kernels")
 
 
-def tiled_func(product: str, dtype: str, target: CpuTarget) -> tvm.tirx.PrimFunc:
+#: Every CPU product: the band products, then the fused attention (forward, backward).
+ALL_PRODUCTS = {**PRODUCTS, **FUSED_PRODUCTS}
+
+
+def structures(product: str, dtype: str, isa: str) -> list[dict]:
+    """A product's structural choices (formulation parameters) on an ISA level, the hand one first."""
+    if product in PRODUCTS:
+        return schedules.structures(product, isa)
+    return attention_schedules.structures(dtype)
+
+
+def structure_label(structure: dict) -> str:
+    return ",".join(f"{k}={structure[k]}" for k in sorted(structure))
+
+
+def tiled_func(product: str, dtype: str, target: CpuTarget,
+               structure: dict | None = None) -> tvm.tirx.PrimFunc:
+    """A product's formulation under ``structure`` (default: the hand one), unscheduled. The
+    structure is recorded as the function's ``lftvm_structure`` attribute."""
+    structure = dict(structure or structures(product, dtype, target.isa)[0])
     lanes = target.lanes(dtype)
-    if product == "qk":
-        return kernels.make_qk(dtype, lanes)
-    if product == "pv":
-        return kernels.make_pv(dtype, lanes, schedules.pv_group(target.isa))
-    return kernels.make_tpv(dtype, lanes)
+    make = {"qk": kernels.make_qk, "pv": kernels.make_pv, "tpv": kernels.make_tpv,
+            "attention": attention.make_attention,
+            "attention_backward": attention_grad.make_attention_grad}[product]
+    func = make(dtype, lanes, **structure)
+    return func.with_attr("lftvm_structure", structure_label(structure))
 
 
 def naive_func(product: str, dtype: str) -> tvm.tirx.PrimFunc:
@@ -42,71 +62,174 @@ def naive_func(product: str, dtype: str) -> tvm.tirx.PrimFunc:
     return te.create_prim_func(args)
 
 
-def scheduled_func(product: str, dtype: str, target: CpuTarget, schedule: str = "hand",
-                   knobs: dict | None = None, trace=None) -> tvm.tirx.PrimFunc:
-    """One product, scheduled: ``hand`` (fixed knobs), ``tuned`` (a MetaSchedule trace) or ``naive``."""
-    if schedule == "naive":
+def hand_knobs(product: str, isa: str, structure: dict | None = None) -> dict:
+    if product in PRODUCTS:
+        return schedules.hand_knobs(product, isa, structure)
+    return attention_schedules.hand_knobs("attention" if product == "attention" else "attention_grad", isa)
+
+
+def schedule(sch: s_tir.Schedule, product: str, dtype: str, target: CpuTarget, knobs: dict,
+             structure: dict | None = None) -> None:
+    """Schedule a product's formulation; a knob missing from ``knobs`` is sampled (the tuning space)."""
+    lanes = target.lanes(dtype)
+    if product in PRODUCTS:
+        schedules.schedule_tiled(sch, product, knobs, lanes, structure)
+    elif product == "attention":
+        attention_schedules.schedule_attention(sch, knobs, lanes)
+    else:
+        attention_schedules.schedule_attention_grad(sch, knobs, lanes)
+
+
+def scheduled_func(product: str, dtype: str, target: CpuTarget, schedule_kind: str = "hand",
+                   knobs: dict | None = None, trace=None, structure: dict | None = None,
+                   symbol: str | None = None) -> tvm.tirx.PrimFunc:
+    """One product, scheduled: ``hand`` (fixed knobs, overridden by ``knobs``), by a MetaSchedule
+    ``trace`` (tuned), or ``naive`` (band products only); exported as ``symbol`` (default the
+    product's own)."""
+    symbol = symbol or ALL_PRODUCTS[product]
+    if schedule_kind == "naive" and product in PRODUCTS:
         sch = s_tir.Schedule(naive_func(product, dtype))
         schedules.schedule_naive(sch)
     else:
-        sch = s_tir.Schedule(tiled_func(product, dtype, target))
+        sch = s_tir.Schedule(tiled_func(product, dtype, target, structure))
         if trace is not None:
             trace.apply_to_schedule(sch, remove_postproc=True)
         else:
-            schedules.schedule_tiled(sch, product, {**schedules.hand_knobs(product, target.isa),
-                                                    **(knobs or {})}, target.lanes(dtype))
-    return sch.mod["main"].with_attr("global_symbol", PRODUCTS[product])
+            schedule(sch, product, dtype, target,
+                     {**hand_knobs(product, target.isa, structure), **(knobs or {})}, structure)
+    return sch.mod["main"].with_attr("global_symbol", symbol)
 
 
 def fused_func(product: str, dtype: str, target: CpuTarget, knobs: dict | None = None,
                trace=None) -> tvm.tirx.PrimFunc:
-    """The fused attention forward or backward (``_contract.FUSED_PRODUCTS``), scheduled by hand
-    (knobs of :mod:`.attention_schedules`, overridden by ``knobs``) or by a tuning trace."""
-    lanes, tm = target.lanes(dtype), attention_schedules.TILE_TM[dtype]
-    if product == "attention":
-        func, schedule = attention.make_attention(dtype, lanes, tm), attention_schedules.schedule_attention
-    else:
-        func = attention_grad.make_attention_grad(dtype, lanes, tm)
-        schedule = attention_schedules.schedule_attention_grad
-    sch = s_tir.Schedule(func)
-    if trace is not None:
-        trace.apply_to_schedule(sch, remove_postproc=True)
-    else:
-        name = "attention" if product == "attention" else "attention_grad"
-        schedule(sch, {**attention_schedules.hand_knobs(name, target.isa), **(knobs or {})}, lanes)
-    return sch.mod["main"].with_attr("global_symbol", FUSED_PRODUCTS[product])
+    """The fused attention forward or backward (``_contract.FUSED_PRODUCTS``), hand or traced."""
+    return scheduled_func(product, dtype, target, knobs=knobs, trace=trace)
 
 
-def compile_cpu(dtype: str, target: CpuTarget, schedule: str = "hand", traces: dict | None = None):
-    """Compile the three band products and the fused attention (forward, backward) for one dtype
-    and target. Returns the runtime module. ``schedule`` applies to the band products; the fused
-    kernels are scheduled by hand unless ``traces`` holds one for them (the naive schedule has no
-    fused counterpart)."""
+@dataclasses.dataclass
+class Variant:
+    """One compiled version of a product: its structure and knobs (replayed from ``trace`` when
+    tuned), the window classes it serves and the symbol it is exported as."""
+
+    product: str
+    structure: dict
+    knobs: dict
+    trace: object = None
+    classes: list = dataclasses.field(default_factory=list)
+    symbol: str = ""
+
+    @property
+    def kind(self) -> str:
+        return "tuned" if self.trace is not None else "hand"
+
+    def same_code(self, other: "Variant") -> bool:
+        return (self.product, self.structure, self.knobs) == (other.product, other.structure, other.knobs)
+
+    def describe(self) -> str:
+        return f"{self.kind}{{{structure_label({**self.structure, **self.knobs})}}}"
+
+
+def plan(dtype: str, isa: str, records: dict | None = None, products=tuple(ALL_PRODUCTS)) -> dict:
+    """{product: [Variant]} for a library: per window class (``_contract.WINDOW_CLASSES``) the
+    tuned record ``records[(product, class)] = (structure, trace, knobs)`` where there is one, else
+    the hand schedule; classes whose variants are the same code share one. The variant serving
+    the widest class is exported under the product's own symbol, the others as
+    ``<symbol>__<first class served>``."""
+    records = records or {}
+    out = {}
+    for product in products:
+        variants: list[Variant] = []
+        for cls, _, _ in WINDOW_CLASSES:
+            rec = records.get((product, cls))
+            if rec is not None:
+                structure, trace, knobs = rec
+                v = Variant(product, dict(structure), dict(knobs), trace)
+            else:
+                structure = structures(product, dtype, isa)[0]
+                v = Variant(product, structure, hand_knobs(product, isa, structure))
+            same = next((u for u in variants if u.same_code(v)), None)
+            if same is not None:
+                same.classes.append(cls)
+            else:
+                v.classes.append(cls)
+                variants.append(v)
+        for v in variants:
+            widest = WINDOW_CLASSES[-1][0] in v.classes
+            v.symbol = ALL_PRODUCTS[product] if widest else f"{ALL_PRODUCTS[product]}__{v.classes[0]}"
+        out[product] = variants
+    return out
+
+
+def dispatch_table(variants: dict) -> dict:
+    """The manifest's ``variants``: {product: [{"max_columns", "function", "class", "schedule"}]},
+    one row per window class in order (``max_columns`` None on the last); the loader calls the
+    first row whose ``max_columns`` is at least the call's ``left + right + 1``."""
+    table = {}
+    for product, vs in variants.items():
+        rows = []
+        for cls, most, _ in WINDOW_CLASSES:
+            v = next(u for u in vs if cls in u.classes)
+            rows.append({"max_columns": most, "function": v.symbol, "class": cls,
+                         "schedule": v.describe()})
+        table[product] = rows
+    return table
+
+
+def compile_cpu(dtype: str, target: CpuTarget, schedule_kind: str = "hand",
+                variants: dict | None = None):
+    """Compile every product's variants (:func:`plan`; default: the hand schedules) for one dtype
+    and target; ``schedule_kind="naive"`` compiles the paper's formulation of the band products
+    instead (one variant each; the fused kernels stay hand-scheduled). Returns the runtime module."""
+    variants = variants or plan(dtype, target.isa)
     funcs = {}
-    for product, symbol in PRODUCTS.items():
-        trace = (traces or {}).get(product)
-        funcs[symbol] = scheduled_func(product, dtype, target, schedule, trace=trace)
-    for product, symbol in FUSED_PRODUCTS.items():
-        funcs[symbol] = fused_func(product, dtype, target, trace=(traces or {}).get(product))
+    for product, vs in variants.items():
+        for v in vs:
+            funcs[v.symbol] = scheduled_func(product, dtype, target, schedule_kind, knobs=v.knobs,
+                                             trace=v.trace, structure=v.structure, symbol=v.symbol)
     return tvm.compile(tvm.IRModule(funcs), target=target.llvm())
 
 
-def build_cpu(dtype: str, isa: str, out_dir: Path, schedule: str = "hand",
-              traces: dict | None = None, schedule_name: str | None = None) -> dict:
-    """Build, export and register one CPU library. Returns its manifest entry."""
+def build_cpu(dtype: str, isa: str, out_dir: Path, schedule_kind: str = "hand",
+              records: dict | None = None) -> dict:
+    """Build, export and register one CPU library: per product and window class the tuned
+    ``records`` (``tune.load_records``) where given, else the hand schedule (or ``naive``).
+    Returns its manifest entry, whose ``variants`` is the dispatch table."""
     target = CPU_TARGETS[isa]
     lock = filelock.FileLock(str(out_dir / f".build-cpu-{isa}-{dtype}.lock"))
     out_dir.mkdir(parents=True, exist_ok=True)
+    variants = plan(dtype, isa, None if schedule_kind == "naive" else records)
+    if schedule_kind == "naive":  # one naive function per band product
+        for product in PRODUCTS:
+            variants[product] = [dataclasses.replace(variants[product][-1], classes=[
+                c for c, _, _ in WINDOW_CLASSES], symbol=PRODUCTS[product])]
+    table = dispatch_table(variants)
+    if schedule_kind == "naive":
+        for product in PRODUCTS:
+            for row in table[product]:
+                row["schedule"] = "naive"
     with lock:
-        module = compile_cpu(dtype, target, schedule, traces)
+        module = compile_cpu(dtype, target, schedule_kind, variants)
         rel = Path("cpu") / f"band_{isa}_{dtype}.so"
         entry = {
             **publish.base_entry("cpu", dtype),
             "isa": isa,
             "target": target.llvm(),
             "cpu_features": list(target.features),
-            "schedule": schedule_name or schedule,
+            "schedule": schedule_summary(table),
+            "variants": table,
         }
+        entry["functions"] = {p: rows[-1]["function"] for p, rows in table.items()}
         entry = publish.publish_library(module, out_dir, rel, entry)
-    logger.info("built %s (%s, %s schedule)", out_dir / rel, isa, entry["schedule"])
+    logger.info("built %s (%s): %s", out_dir / rel, isa, entry["schedule"])
     return entry
+
+
+def schedule_summary(table: dict) -> str:
+    """One line per library: ``product[class,...]:kind{structure and knobs}`` for each variant."""
+    parts = []
+    for product, rows in table.items():
+        seen: dict = {}
+        for row in rows:
+            seen.setdefault((row["function"], row["schedule"]), []).append(row["class"])
+        parts += [f"{product}[{','.join(c)}]:{sched}" for (_, sched), c in seen.items()]
+    return " ".join(parts)

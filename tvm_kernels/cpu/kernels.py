@@ -45,7 +45,8 @@ from tvm.script import tirx as T
 
 from ..band import ceil_div, operands, rows_in_residue, tiles_per_residue
 
-#: Slab panels are rounded up to a multiple of this many panels (the QK microkernel may take 1 or 2).
+#: Slab panels are rounded up to a multiple of this many panels by default (the QK microkernel may
+#: take 1 or 2 panels per pass; ``make_qk``'s ``panel_round``, a structural tuning choice, sets it).
 QK_PANEL_ROUND = 2
 #: Packed head dimension is rounded up to a multiple of this many vectors (PV microkernel width).
 PV_VEC_ROUND = 4
@@ -70,8 +71,8 @@ def clamp(x, lo, hi):
     return T.max(T.min(x, hi), lo)
 
 
-def qk_slab_panels(left, right, tt, v):
-    return ceil_div(tt + left + right, v * QK_PANEL_ROUND) * QK_PANEL_ROUND
+def qk_slab_panels(left, right, tt, v, panel_round: int = QK_PANEL_ROUND):
+    return ceil_div(tt + left + right, v * panel_round) * panel_round
 
 
 def packed_width(dim, v):
@@ -102,13 +103,18 @@ def edge_col(block, C, ii, e, lo=0, hi=None):  # the column of row ii's edge ind
 ALIGN = 4
 
 
-def make_qk(dtype: str, v: int, tm: int = 1):
-    """Banded Q K^T. ``v``: vector lanes (panel width); ``tm``: tile rows in units of v."""
+def make_qk(dtype: str, v: int, tm: int = 1, panel_round: int = QK_PANEL_ROUND):
+    """Banded Q K^T. ``v``: vector lanes (panel width); ``tm``: tile rows in units of v;
+    ``panel_round``: a tile's slab is a multiple of this many panels (the microkernel's width
+    must divide it; 1 wastes less of a narrow band's slab, 2 allows two-panel register blocks)."""
     tt = v * tm
     zero = T.cast(0, dtype)
 
+    def slab_panels(left, right):
+        return qk_slab_panels(left, right, tt, v, panel_round)
+
     def n_panels(N, d, left, right):
-        return tiles_per_residue(N, d, tt) * tm + qk_slab_panels(left, right, tt, v)
+        return tiles_per_residue(N, d, tt) * tm + slab_panels(left, right)
 
     def key_lo(left):  # first packed position holding a key (position p*v + pi = key + left)
         return left
@@ -135,7 +141,7 @@ def make_qk(dtype: str, v: int, tm: int = 1):
         (B, N, H, D, C), (Q, K, O) = operands("qk", dtype, (q_h, k_h, o_h), ALIGN)
         KP = T.sblock_alloc_buffer((B, H, d, n_panels(N, d, left, right), D, v), dtype)
         S = T.sblock_alloc_buffer(
-            (B, H, d, tiles_per_residue(N, d, tt), tt, qk_slab_panels(left, right, tt, v), v), dtype)
+            (B, H, d, tiles_per_residue(N, d, tt), tt, slab_panels(left, right), v), dtype)
         # pack: position pp = key + left is panel pp // v, lane pp % v: KP[b,h,r, p, k, pi].
         # Panels entirely inside the sequence are plain gathers; the few others are masked.
         for b, h, r in T.grid(B, H, d):
@@ -161,7 +167,7 @@ def make_qk(dtype: str, v: int, tm: int = 1):
                         K[vb, clamp((vp * v + vpi - left) * d + vr, 0, N - 1), vh, vk], zero)
         for b, h, blk, r in T.grid(B, H, tiles_per_residue(N, d, tt), d):
             with T.sblock("S_tile"):  # its own scope, so the GEMM can be scheduled alone
-                for ii, qo, qi, k in T.grid(tt, qk_slab_panels(left, right, tt, v), v, D):
+                for ii, qo, qi, k in T.grid(tt, slab_panels(left, right), v, D):
                     with T.sblock("S"):
                         vb, vh, vr, vblk, vii, vqo, vqi, vk = T.axis.remap(
                             "SSSSSSSR", [b, h, r, blk, ii, qo, qi, k])

@@ -15,12 +15,16 @@ Knobs (tiled formulation, see :mod:`tvm_kernels.cpu.kernels`):
   vecs * V);
 * ``edge_vecs`` (PV): the same for PV's edge GEMM (one row at a time).
 
-PV's middle GEMM has no knob: its register block is the formulation's row group
-(:func:`pv_group`) by :data:`tvm_kernels.cpu.kernels.PV_VECS` vectors, because the loop that
-prefetches P's next rows is part of the formulation (:func:`tvm_kernels.cpu.kernels.make_pv`).
-The transposed product's register block height is part of its formulation too
-(:data:`tvm_kernels.cpu.kernels.TPV_ROWS`): it splits the GEMM into the slab rows in the band of
-the whole block and each row's edge (:func:`tvm_kernels.cpu.kernels.make_tpv`).
+PV's middle GEMM has no knob: its register block is the formulation's row group by head-dim
+vectors, because the loop that prefetches P's next rows is part of the formulation
+(:func:`tvm_kernels.cpu.kernels.make_pv`). The transposed product's register block height is part
+of its formulation too: it splits the GEMM into the slab rows in the band of the whole block and
+each row's edge (:func:`tvm_kernels.cpu.kernels.make_tpv`).
+
+Those are *structural* choices (:data:`STRUCTURES`): each value is another function (QK's tile
+height ``tm`` and slab rounding ``panel_round``, PV's ``group`` and ``vecs``, transposed PV's
+``rows``), so tuning enumerates them, each its own MetaSchedule workload whose knobs are sampled
+as above (:mod:`.tune`). The first structure of each list is the hand one.
 """
 
 from __future__ import annotations
@@ -42,25 +46,48 @@ HAND = {
     16: {"qk": {"rows": 4, "panels": 2}, "pv": {"edge_vecs": 2}, "tpv": {"vecs": 2}},
 }
 
-#: PV's row group (its register block height), by vector register file. 7 rows x 2 vectors are
-#: 14 accumulators, and 896 bytes in fp32 or fp64: under the stack-buffer limit that keeps them
-#: in registers (:func:`tvm_kernels.cpu.kernels.pv_block_bytes`). 8 rows (1024 bytes) would not be,
-#: and without the prefetch measured no faster than 7.
-PV_GROUP = {32: 7, 16: 4}
+#: Structural choices per product, by vector register file; the first is the hand schedule's.
+#: PV: 7 rows x 2 vectors are 14 accumulators, and 896 bytes in fp32 or fp64: under the
+#: stack-buffer limit that keeps them in registers (:func:`tvm_kernels.cpu.kernels.pv_block_bytes`);
+#: 8 rows (1024 bytes) would not be, and without the prefetch measured no faster than 7. Fewer
+#: rows shorten the per-row edges that weigh on narrow bands. QK: a taller tile or a one-panel
+#: slab rounding (less of a narrow band's slab computed for nothing).
+STRUCTURES = {
+    32: {"qk": [{"tm": 1, "panel_round": 2}, {"tm": 2, "panel_round": 2}, {"tm": 1, "panel_round": 1}],
+         "pv": [{"group": 7, "vecs": 2}, {"group": 4, "vecs": 2}, {"group": 3, "vecs": 4}],
+         "tpv": [{"rows": 4}, {"rows": 2}, {"rows": 8}]},
+    16: {"qk": [{"tm": 1, "panel_round": 2}, {"tm": 2, "panel_round": 2}, {"tm": 1, "panel_round": 1}],
+         "pv": [{"group": 4, "vecs": 2}, {"group": 6, "vecs": 2}, {"group": 2, "vecs": 4}],
+         "tpv": [{"rows": 4}, {"rows": 2}]},
+}
 
 
 def _registers(isa: str) -> int:
     return 32 if isa == "avx512" else 16
 
 
-def hand_knobs(product: str, isa: str) -> dict:
-    """The hand schedule's knob values for a product on an ISA level."""
-    return dict(HAND[_registers(isa)][product])
+def structures(product: str, isa: str) -> list[dict]:
+    """The structural choices of a band product on an ISA level, the hand one first."""
+    return [dict(s) for s in STRUCTURES[_registers(isa)][product]]
 
 
-def pv_group(isa: str) -> int:
-    """Rows per group in PV's formulation (:func:`tvm_kernels.cpu.kernels.make_pv`) on an ISA level."""
-    return PV_GROUP[_registers(isa)]
+def knob_space(product: str, structure: dict | None) -> dict:
+    """The knob candidates of a product under a structure: QK's register block width must divide
+    its slab rounding."""
+    space = {name: list(c) for name, c in SPACE[product].items()}
+    if product == "qk" and structure:
+        space["panels"] = [p for p in space["panels"] if structure["panel_round"] % p == 0]
+    return space
+
+
+def hand_knobs(product: str, isa: str, structure: dict | None = None) -> dict:
+    """The hand schedule's knob values for a product on an ISA level (under ``structure``: a
+    value the structure does not allow becomes its largest allowed one)."""
+    knobs = dict(HAND[_registers(isa)][product])
+    for name, cands in knob_space(product, structure).items():
+        if name in knobs and knobs[name] not in cands:
+            knobs[name] = max(cands)
+    return knobs
 
 
 KNOB_PREFIX = "lftvm_knob_"
@@ -68,10 +95,11 @@ KNOB_PREFIX = "lftvm_knob_"
 
 def _knob(sch: s_tir.Schedule, product: str, knobs: dict, name: str, block, space=None):
     """A knob's value (fixed, or sampled from ``space``, default SPACE), also recorded as an
-    annotation on ``block`` so a build from the scheduled module knows the knobs it was made with."""
+    annotation on ``block`` so a build from the scheduled module knows the knobs it was made with.
+    ``knobs`` may carry ``"_space"``: the candidates under the function's structure."""
     value = knobs.get(name)
     if value is None:
-        cands = (SPACE if space is None else space)[product][name]
+        cands = knobs.get("_space", {}).get(name) or (SPACE if space is None else space)[product][name]
         value = sch.sample_categorical(candidates=cands, probs=[1.0 / len(cands)] * len(cands))
     sch.annotate(block, KNOB_PREFIX + name, value)
     return value
@@ -175,8 +203,10 @@ def schedule_tpv(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
     sch.parallel(sch.fuse(*sch.get_loops(pack_blk)[:3]))
 
 
-def schedule_tiled(sch: s_tir.Schedule, product: str, knobs: dict, v: int) -> None:
-    """``product``: qk, pv or tpv."""
+def schedule_tiled(sch: s_tir.Schedule, product: str, knobs: dict, v: int,
+                   structure: dict | None = None) -> None:
+    """``product``: qk, pv or tpv; ``structure``: the function's (limits the sampled knobs)."""
+    knobs = {**knobs, "_space": knob_space(product, structure)}
     if product == "qk":
         schedule_qk(sch, knobs)
     elif product == "pv":
