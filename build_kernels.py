@@ -16,8 +16,9 @@ In a checkout, libraries go to prebuilt/ (default) with prebuilt/manifest.json a
 databases to prebuilt/tuning/. An installed wheel's tree is not rewritten: there ``build`` writes
 into this installation's per-user cache folder and ``tune`` into ``<cache>/tuning`` (replay it
 with ``build --db``); the package loads libraries from both. ``--schedule tuned`` replays the
-MetaSchedule database (``--db``, default the shipped one) when it has a record for the (isa,
-dtype, product), else the hand schedule.
+MetaSchedule database (``--db``, default the shipped one) where it has a record for the (isa,
+dtype, product, window class), else the hand schedule; the library gets one variant per distinct
+choice and a dispatch table (manifest ``variants``) that picks one per call by the band's width.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tuned against hand, per window class: ``python benchmarks/tuning.py [--reps 7] [--n 4096]``.
+"""Tuned against hand, per window class: ``python benchmarks/tuning.py [--reps 10] [--n 4096] [--isa avx2]``.
 
 For each window class's representative window (``_contract.WINDOW_CLASSES``: w = 16, 64, 256) at
 B=1, H=12, D=64, float32: the shipped library (its dispatch table picks the variant tuning chose
@@ -45,7 +45,7 @@ def hand_library(isa: str) -> dict:
     return {p: module[s] for p, s in build.ALL_PRODUCTS.items()}
 
 
-def _best(fn, calls: int = 3) -> float:
+def _best(fn, calls: int = 5) -> float:
     fn()
     best = float("inf")
     for _ in range(calls):
@@ -70,7 +70,20 @@ def _calls(funcs: dict, n: int, w: int) -> dict:
     }
 
 
-def variant(fn, product: str, w: int, isa: str) -> str:
+def shipped_library(isa: str | None) -> tuple[dict, object]:
+    """({product: function}, manifest entry) of the shipped float32 library for ``isa`` (default:
+    the one this machine loads); an ISA below this machine's runs here too."""
+    if isa is None:
+        return backends.functions("cpu", "float32"), backends.chosen_entries()["cpu/float32"]
+    for c in backends.candidates("cpu", "float32"):
+        if c.entry.info.get("isa") == isa and not c.entry.cached:
+            if not c.usable:
+                raise SystemExit(f"--isa {isa}: the shipped library does not run here: {c.reason}")
+            return backends.REGISTRY.open(c.entry), c.entry
+    raise SystemExit(f"--isa {isa}: no shipped float32 library for it in the manifest")
+
+
+def variant(fn, product: str, w: int, entry) -> str:
     """The variant a call at window ``w`` runs, and whether it is the hand schedule's code (then
     the two columns time the same code: their ratio is the run's noise)."""
     from tvm_kernels.cpu import build
@@ -78,7 +91,7 @@ def variant(fn, product: str, w: int, isa: str) -> str:
     if not isinstance(fn, Dispatch):
         return "(one function)"
     symbol, _ = fn.choose(w, w)
-    entry = backends.chosen_entries()["cpu/float32"]
+    isa = entry.info["isa"]
     row = next(r for r in entry.info["variants"][product] if r["function"] == symbol)
     structure = build.structures(product, "float32", isa)[0]
     hand = build.Variant(product, structure, build.hand_knobs(product, isa, structure)).describe()
@@ -88,26 +101,28 @@ def variant(fn, product: str, w: int, isa: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument("--isa", default=None, help="the shipped library of this ISA level "
+                        "(default: the one this machine loads)")
     args = parser.parse_args(argv)
-    shipped = backends.functions("cpu", "float32")
-    entry = backends.chosen_entries()["cpu/float32"]
+    shipped, entry = shipped_library(args.isa)
     hand = hand_library(entry.info["isa"])
     windows = [w for _, _, w in WINDOW_CLASSES]
     calls = {(w, lib): _calls(funcs, args.n, w) for w in windows
              for lib, funcs in (("tuned", shipped), ("hand", hand))}
     times: dict = {}
     sgemm = []
-    for _ in range(args.reps):
+    for rep in range(args.reps):
         sgemm.append(bl.sgemm_gflops())
         for w in windows:
             for product in PRODUCTS:
-                for lib in ("tuned", "hand"):
+                # which goes first alternates: the first of a pair may run on a colder cache
+                for lib in (("tuned", "hand") if rep % 2 == 0 else ("hand", "tuned")):
                     times.setdefault((w, product, lib), []).append(_best(calls[(w, lib)][product]))
     rate = statistics.median(sgemm)
     print(f"{entry.path.name} ({entry.info['isa']}), N={args.n}, B={B}, H={H}, D={D}, float32; "
-          f"medians of {args.reps} interleaved rounds; torch SGEMM {rate:.1f} GFLOP/s "
+          f"medians of {args.reps} interleaved rounds (order alternating); torch SGEMM {rate:.1f} GFLOP/s "
           f"(rounds {min(sgemm):.0f}-{max(sgemm):.0f})")
     print(f"{'product':10s} {'w':>4s} {'hand ms':>8s} {'tuned ms':>9s} {'tuned/hand':>10s} "
           f"{'hand %SGEMM':>11s} {'tuned %SGEMM':>12s}  variant")
@@ -117,7 +132,7 @@ def main(argv=None) -> int:
             th, tt = (statistics.median(times[(w, product, lib)]) for lib in ("hand", "tuned"))
             print(f"{product:10s} {w:4d} {1e3 * th:8.2f} {1e3 * tt:9.2f} {th / tt:9.2f}x "
                   f"{100 * flops / th / 1e9 / rate:10.1f}% {100 * flops / tt / 1e9 / rate:11.1f}%  "
-                  f"{variant(shipped[product], product, w, entry.info['isa'])}")
+                  f"{variant(shipped[product], product, w, entry)}")
     return 0
 
 

@@ -45,8 +45,7 @@ from tvm.script import tirx as T
 
 from ..band import ceil_div, operands, rows_in_residue, tiles_per_residue
 
-#: Slab panels are rounded up to a multiple of this many panels by default (the QK microkernel may
-#: take 1 or 2 panels per pass; ``make_qk``'s ``panel_round``, a structural tuning choice, sets it).
+#: Slab panels are rounded up to a multiple of this many by default (``make_qk``'s panel_round).
 QK_PANEL_ROUND = 2
 #: Packed head dimension is rounded up to a multiple of this many vectors (PV microkernel width).
 PV_VEC_ROUND = 4
@@ -57,8 +56,7 @@ STACK_BUFFER_BYTES = 1024
 CACHE_LINE_BYTES = 64
 #: Transposed PV's register block height (:func:`make_tpv`): 4 x ``vecs`` accumulators.
 TPV_ROWS = 4
-#: PV's work units hold up to this many rows (more for wide bands), and a residue at least two
-#: units (see :func:`make_pv`).
+#: PV's work units hold up to this many rows (more for wide bands; :func:`make_pv`).
 PV_UNIT_ROWS = 2048
 
 
@@ -104,14 +102,10 @@ ALIGN = 4
 
 
 def make_qk(dtype: str, v: int, tm: int = 1, panel_round: int = QK_PANEL_ROUND):
-    """Banded Q K^T. ``v``: vector lanes (panel width); ``tm``: tile rows in units of v;
-    ``panel_round``: a tile's slab is a multiple of this many panels (the microkernel's width
-    must divide it; 1 wastes less of a narrow band's slab, 2 allows two-panel register blocks)."""
-    tt = v * tm
-    zero = T.cast(0, dtype)
-
-    def slab_panels(left, right):
-        return qk_slab_panels(left, right, tt, v, panel_round)
+    """Banded Q K^T. ``v``: vector lanes (panel width); ``tm``: tile rows in units of v; a tile's
+    slab is a multiple of ``panel_round`` panels (the microkernel's width divides it)."""
+    tt, zero = v * tm, T.cast(0, dtype)
+    slab_panels = lambda left, right: qk_slab_panels(left, right, tt, v, panel_round)  # noqa: E731
 
     def n_panels(N, d, left, right):
         return tiles_per_residue(N, d, tt) * tm + slab_panels(left, right)

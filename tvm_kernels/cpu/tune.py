@@ -436,13 +436,19 @@ def confirm_cpu(isa: str, dtype: str, db_root: Path, products, classes, rpc=None
                         sch = s_tir.Schedule(c["workload"].mod["main"])
                         c["trace"].apply_to_schedule(sch, remove_postproc=True)
                         res = builder.build([ms.builder.BuilderInput(sch.mod, llvm)])[0]
-                        if not res.error_msg:
+                        if res.error_msg:
+                            logger.warning("%s/%s: a candidate did not build: %s", product, cls,
+                                           res.error_msg)
+                        else:
                             built.append((c, res.artifact_path))
                     for _ in range(rounds):
                         for c, artifact in built:
                             info = ms.arg_info.ArgInfo.from_prim_func(c["workload"].mod["main"])
                             result = runner.run([ms.runner.RunnerInput(artifact, "cpu", info)])[0].result()
-                            if result.run_secs:
+                            if result.error_msg or not result.run_secs:
+                                logger.warning("%s/%s: a candidate did not run: %s", product, cls,
+                                               result.error_msg)
+                            else:
                                 database.commit_tuning_record(ms.database.TuningRecord(
                                     c["trace"], c["workload"], [float(x) for x in result.run_secs],
                                     llvm, info))
