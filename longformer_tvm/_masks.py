@@ -178,6 +178,9 @@ def band_key_mask(flags: torch.Tensor, band: Band) -> torch.Tensor:
     when all heads share a dilation, else H. Built from strided views of the padded flags.
     """
     cols = band.columns
+    if flags.shape[1] == 0:  # an empty sequence: no window to unfold
+        heads = 1 if len(set(band.dilation)) == 1 else len(band.dilation)
+        return flags.new_zeros(flags.shape[0], 0, heads, cols)
     per_dil = {}
     for d in sorted(set(band.dilation)):
         padded = F.pad(flags, (band.left * d, band.right * d), value=False)

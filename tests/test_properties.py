@@ -21,6 +21,8 @@ import longformer_tvm as lt
 from longformer_tvm import reference
 from longformer_tvm._checks import Band, normalize_band
 
+from .oracle import assert_close_to_oracle, dense_attention
+
 
 def _profile(examples: int) -> settings:
     return settings(max_examples=int(os.environ.get("LONGFORMER_TVM_PROPERTY_EXAMPLES", examples)),
@@ -155,3 +157,21 @@ def test_per_head_dilation_is_one_call_per_head(p):
         alone = lt.sliding_window_qk(q[:, :, head:head + 1], k[:, :, head:head + 1], p.window, d,
                                      p.autoregressive, padding_value=-1.0)
         assert torch.equal(together[:, :, head:head + 1], alone), (p, head)
+
+
+@_profile(300)
+@given(problems(), st.booleans(), st.integers(0, 2**16))
+def test_attention_matches_the_dense_softmax(p, masked, seed):
+    """sliding_window_attention (the fused kernel's per-window variants where they serve) against
+    a dense float64 softmax under the band mask: any N, window, dilation, one-sided band, layout,
+    scale and key mask (rows with no key left give 0 and lse -inf)."""
+    d = max(p.d, 1)
+    q, k, v = p.tensor(d, 11), p.tensor(d, 12), p.tensor(d, 13)
+    mask = (torch.rand(p.b, p.n, generator=torch.Generator().manual_seed(seed)) < 0.3
+            if masked else None)
+    out, lse = lt.sliding_window_attention(q, k, v, p.window, p.dilation, p.autoregressive,
+                                           key_mask=mask, return_lse=True)
+    want, want_lse = dense_attention(q, k, v, p.band, d ** -0.5, mask)
+    plain, plain_lse = dense_attention(q, k, v, p.band, d ** -0.5, mask, dtype=p.dtype)
+    assert_close_to_oracle(out, want, plain, what=f"out {p}")
+    assert_close_to_oracle(lse, want_lse, plain_lse, what=f"lse {p}")

@@ -240,6 +240,7 @@ def tune_cpu(isa: str, dtype: str, trials: int, seed: int, db_root: Path,
                                         module_equality="structural")
     ncores = _all_cores()
     llvm = tvm.target.Target(target.llvm(ncores))
+    _metaschedule_logging_fix()
     for product in products:
         choices = build.structures(product, dtype, isa)
         for cls in classes:
@@ -272,6 +273,18 @@ def tune_cpu(isa: str, dtype: str, trials: int, seed: int, db_root: Path,
     if confirm_rounds:
         confirm_cpu(isa, dtype, db_root, products, classes, rpc, rounds=confirm_rounds)
     return out
+
+
+def _metaschedule_logging_fix() -> None:
+    """MetaSchedule (TVM 0.27) rebuilds its loggers' dictConfig from the *names* of the handlers on
+    its "tvm.s_tir.meta_schedule" logger, and fails (``'NoneType' object has no attribute
+    'format'``) on one without a name -- which its own earlier run leaves there when a capturing
+    handler was attached then (pytest's, in the test suite). Such handlers are dropped."""
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    for handler in list(ms_logger.handlers):
+        if handler.get_name() is None:
+            logger.debug("removing unnamed handler %r from %s", handler, ms_logger.name)
+            ms_logger.removeHandler(handler)
 
 
 def _measure_hand(product: str, dtype: str, target, cls: str, llvm, database, builder, runner) -> None:
