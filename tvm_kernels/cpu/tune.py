@@ -18,6 +18,7 @@ import logging
 import os
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import tvm
@@ -105,8 +106,6 @@ class _InProcessRunner(ms.runner.PyRunner):
         self.args, self.symbol, self.repeats = call_args(product, dtype, cls), ALL_PRODUCTS[product], repeats
 
     def run(self, runner_inputs):
-        import time
-
         futures = []
         for inp in runner_inputs:
             try:
@@ -199,9 +198,7 @@ def call_args(product: str, dtype: str, cls: str) -> tuple:
 
 def _scalars(product: str, cls: str) -> tuple:
     _, _, _, d, w, dil = class_shape(cls)
-    if product in PRODUCTS:
-        return (w, w, dil) + ((0.0,) if product == "qk" else ())
-    return (w, w, dil, d ** -0.5)
+    return (w, w, dil) + ((0.0,) if product == "qk" else () if product in PRODUCTS else (d ** -0.5,))
 
 
 def _runner(product: str, dtype: str, cls: str, rpc: tuple[str, str] | None):
@@ -276,10 +273,9 @@ def tune_cpu(isa: str, dtype: str, trials: int, seed: int, db_root: Path,
 
 
 def _metaschedule_logging_fix() -> None:
-    """MetaSchedule (TVM 0.27) rebuilds its loggers' dictConfig from the *names* of the handlers on
-    its "tvm.s_tir.meta_schedule" logger, and fails (``'NoneType' object has no attribute
-    'format'``) on one without a name -- which its own earlier run leaves there when a capturing
-    handler was attached then (pytest's, in the test suite). Such handlers are dropped."""
+    """MetaSchedule (TVM 0.27) rebuilds its logging config from the names of the handlers on its
+    logger and fails ("'NoneType' object has no attribute 'format'") on an unnamed one, which an
+    earlier run leaves there under a capturing handler (pytest's): such handlers are dropped."""
     ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
     for handler in list(ms_logger.handlers):
         if handler.get_name() is None:
@@ -351,8 +347,7 @@ def _workload(product: str, dtype: str, isa: str, cls: str = WINDOW_CLASSES[-1][
 
 
 def _identify(func, dtype: str, isa: str, current: dict):
-    """(product, class, structure) of a record's workload if it is one of the current
-    formulations (else None: tuned on an older version of the kernels)."""
+    """(product, class, structure) of a record's workload if it is a current formulation, else None."""
     product = {v: k for k, v in ALL_PRODUCTS.items()}.get(str(func.attrs.get("global_symbol", "")))
     cls, label = func.attrs.get("lftvm_class"), func.attrs.get("lftvm_structure")
     if product is None or cls is None or label is None:
