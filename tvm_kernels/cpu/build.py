@@ -100,12 +100,6 @@ def scheduled_func(product: str, dtype: str, target: CpuTarget, schedule_kind: s
     return sch.mod["main"].with_attr("global_symbol", symbol)
 
 
-def fused_func(product: str, dtype: str, target: CpuTarget, knobs: dict | None = None,
-               trace=None) -> tvm.tirx.PrimFunc:
-    """The fused attention forward or backward (``_contract.FUSED_PRODUCTS``), hand or traced."""
-    return scheduled_func(product, dtype, target, knobs=knobs, trace=trace)
-
-
 @dataclasses.dataclass
 class Variant:
     """One compiled version of a product: its structure and knobs (replayed from ``trace`` when

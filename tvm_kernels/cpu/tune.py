@@ -15,6 +15,7 @@ lives in ``prebuilt/tuning/cpu-<isa>-<dtype>/``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import statistics
 import tempfile
@@ -36,6 +37,7 @@ from .build import ALL_PRODUCTS, scheduled_func, tiled_func
 from .targets import CPU_TARGETS
 
 logger = logging.getLogger("tvm_kernels")
+_PRODUCT_OF = {symbol: product for product, symbol in ALL_PRODUCTS.items()}  # exported symbol -> product
 
 
 def db_dir(root: Path, isa: str, dtype: str) -> Path:
@@ -70,7 +72,7 @@ class _SymbolicBuilder(ms.builder.PyBuilder):
         results = []
         for inp in build_inputs:
             func = inp.mod["main"]
-            product = {v: k for k, v in ALL_PRODUCTS.items()}[str(func.attrs["global_symbol"])]
+            product = _PRODUCT_OF[str(func.attrs["global_symbol"])]
             try:
                 knobs = schedules.knobs_in(func)
                 structure = parse_structure(str(func.attrs["lftvm_structure"]))
@@ -313,20 +315,18 @@ def _specialize_fused(func, shape):
 
     b, n, h, d, w, dil = shape
     dims = {4: (b, n, h, d), 3: (b, n, h), 2: (b, n)}
-    mapping = {}
-    scalars = []
-    for param in func.params:
-        buf = param if hasattr(param, "shape") else None
-        if buf is None:
-            scalars.append(param)
+    mapping, scalars = {}, []
+    for buf in func.params:  # in TVM 0.27 a buffer parameter is its buffer; scalars have no shape
+        if not hasattr(buf, "shape"):
+            scalars.append(buf)
             continue
         shp = dims[len(buf.shape)]
-        strides = [int(__import__("math").prod(shp[i + 1:])) for i in range(len(shp))]
-        mapping[param] = tirx.decl_buffer([tirx.const(x, "int64") for x in shp], buf.dtype, buf.name,
-                                          strides=[tirx.const(x, "int64") for x in strides],
-                                          elem_offset=tirx.const(0, "int64"),
-                                          data_alignment=buf.data_alignment,
-                                          offset_factor=buf.offset_factor)
+        strides = [math.prod(shp[i + 1:]) for i in range(len(shp))]
+        mapping[buf] = tirx.decl_buffer([tirx.const(x, "int64") for x in shp], buf.dtype, buf.name,
+                                        strides=[tirx.const(x, "int64") for x in strides],
+                                        elem_offset=tirx.const(0, "int64"),
+                                        data_alignment=buf.data_alignment,
+                                        offset_factor=buf.offset_factor)
     for param, value in zip(scalars, (w, w, dil)):
         mapping[param] = tirx.const(value, "int64")
     mapping[scalars[3]] = tirx.const(d ** -0.5, "float64")
@@ -348,7 +348,7 @@ def _workload(product: str, dtype: str, isa: str, cls: str = WINDOW_CLASSES[-1][
 
 def _identify(func, dtype: str, isa: str, current: dict):
     """(product, class, structure) of a record's workload if it is a current formulation, else None."""
-    product = {v: k for k, v in ALL_PRODUCTS.items()}.get(str(func.attrs.get("global_symbol", "")))
+    product = _PRODUCT_OF.get(str(func.attrs.get("global_symbol", "")))
     cls, label = func.attrs.get("lftvm_class"), func.attrs.get("lftvm_structure")
     if product is None or cls is None or label is None:
         return None
