@@ -10,7 +10,7 @@ may hold anything); outputs dq, dk, dv. Per tile of ``TT`` query rows (the layou
     dP^T = V_slab dO_tile^T
     dS^T = P^T * (dP^T - delta)
     dQ_tile  = scale dS K_slab                  (written once: a query row lies in one tile)
-    dK_slab += scale dS^T Q_tile,  dV_slab += P^T dO_tile
+    dK_slab += scale dS^T Q_tile,  dV_slab += P^T dO_tile   (in place, register block by block)
 
 No (N, C) tensor exists: S, P, dP, dS live per tile in a small buffer. **Parallel without
 atomics**: a work unit (a run of tiles of one batch, head and residue) accumulates dK and dV of
@@ -38,12 +38,18 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from ..band import ceil_div, rows_in_residue
-from .attention import (UNIT_ROWS, Layout, fast_exp, key_flag, key_row, lse_view, mask_view,
-                        packed_width, views)
+from .attention import (SLAB_ROUND, UNIT_ROWS, VEC_ROUND, Layout, fast_exp, key_flag, key_row,
+                        lse_view, mask_view, packed_width, views)
 
 
-def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_ROWS):
-    """The backward kernel; ``v`` vector lanes, tiles of ``v * tm`` query rows."""
+def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_ROWS,
+                        dkv_rows: int = 4, dkv_cols: int = 4):
+    """The backward kernel; ``v`` vector lanes, tiles of ``v * tm`` query rows; dK and dV add
+    into the unit's sums in register blocks of ``dkv_rows`` slab keys x ``dkv_cols`` head-dim
+    vectors (they divide the slab's rounding and the packed head dimension)."""
+    if SLAB_ROUND % dkv_rows or VEC_ROUND % dkv_cols:
+        raise ValueError(f"dK/dV register block {dkv_rows} x {dkv_cols}: rows must divide "
+                         f"{SLAB_ROUND}, columns {VEC_ROUND}")
     L = Layout(v, tm, unit_rows)
     tt = L.tt
     zero = T.cast(0, dtype)
@@ -88,16 +94,42 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
                         vk] * cols[vph, vf, vt, vk, vii]
 
     @T.macro(hygienic=False)
-    def slab_gemm(name, out, left_t, rows):  # out[c, kk] = sum_ii left_t[c, ii] rows[ii, kk]
-        with T.sblock(name + "_tile"):
-            for c, kk, ii in T.grid(L.slab_cols(left, right), packed_width(D, v), tt):
-                with T.sblock(name):
-                    vph, vf, vc, vkk, vii = T.axis.remap("SSSSR", [ph, f, c, kk, ii])
-                    vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, uu(B, H, d, f, ph), t))
-                    with T.init():
-                        out[vph, vf, vt, vc, vkk] = zero
-                    out[vph, vf, vt, vc, vkk] = out[vph, vf, vt, vc, vkk] + left_t[
-                        vph, vf, vt, vc, vii] * rows[vph, vf, vt, vii, vkk]
+    def slab_gemm(name, acc, left_t, rows, dkv_rows, dkv_cols):
+        # acc[slab key of c, kk] += sum_ii left_t[c, ii] rows[ii, kk], in register blocks of
+        # dkv_rows slab keys x dkv_cols head-dim vectors loaded from acc and stored back: the
+        # sum needs no buffer of its own and no second pass. The blocks are the formulation's
+        # (TVM's schedule primitives refuse a block that updates a buffer in place).
+        for ko, co in T.grid(packed_width(D, v) // (dkv_cols * v), L.slab_cols(left, right) // dkv_rows):
+            with T.sblock(name + "_block"):
+                R = T.sblock_alloc_buffer((dkv_rows, dkv_cols * v), dtype, scope="local")
+                for ci, kv in T.grid(T.int64(dkv_rows), T.int64(dkv_cols)):
+                    for kl in T.vectorized(T.int64(v)):
+                        with T.sblock(name + "_load"):
+                            vph, vf, vco, vko, vci, vkv, vkl = T.axis.remap(
+                                "SSSSSSS", [ph, f, co, ko, ci, kv, kl])
+                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, uu(B, H, d, f, ph), t))
+                            R[vci, vkv * v + vkl] = acc[vph, vf, L.slab_key(
+                                N, d, left, right, uu(B, H, d, vf, vph), vt, vco * dkv_rows + vci),
+                                vko * dkv_cols * v + vkv * v + vkl]
+                for ii in range(tt):
+                    for ci, kv in T.grid(T.int64(dkv_rows), T.int64(dkv_cols)):
+                        for kl in T.vectorized(T.int64(v)):
+                            with T.sblock(name):
+                                vph, vf, vco, vko, vii, vci, vkv, vkl = T.axis.remap(
+                                    "SSSSSSSS", [ph, f, co, ko, ii, ci, kv, kl])
+                                vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, uu(B, H, d, f, ph), t))
+                                R[vci, vkv * v + vkl] = R[vci, vkv * v + vkl] + left_t[
+                                    vph, vf, vt, vco * dkv_rows + vci, vii] * rows[
+                                    vph, vf, vt, vii, vko * dkv_cols * v + vkv * v + vkl]
+                for ci, kv in T.grid(T.int64(dkv_rows), T.int64(dkv_cols)):
+                    for kl in T.vectorized(T.int64(v)):
+                        with T.sblock(name + "_store"):
+                            vph, vf, vco, vko, vci, vkv, vkl = T.axis.remap(
+                                "SSSSSSS", [ph, f, co, ko, ci, kv, kl])
+                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, uu(B, H, d, f, ph), t))
+                            acc[vph, vf, L.slab_key(
+                                N, d, left, right, uu(B, H, d, vf, vph), vt, vco * dkv_rows + vci),
+                                vko * dkv_cols * v + vkv * v + vkl] = R[vci, vkv * v + vkl]
 
     @T.macro(hygienic=False)
     def p_part(name, start, extent, band):  # P over part of the slab (see attention.exp_part)
@@ -144,8 +176,6 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
         DPT = T.sblock_alloc_buffer(tshape + (L.slab_cols(left, right), tt), dtype)
         DST = T.sblock_alloc_buffer(tshape + (L.slab_cols(left, right), tt), dtype)
         DQA = T.sblock_alloc_buffer(tshape + (tt, packed_width(D, v)), dtype)
-        TK = T.sblock_alloc_buffer(tshape + (L.slab_cols(left, right), packed_width(D, v)), dtype)
-        TV = T.sblock_alloc_buffer(tshape + (L.slab_cols(left, right), packed_width(D, v)), dtype)
         for ph in range(2):
             for f in T.parallel(items(B, N, H, d, left, right, ph)):
                 for pp in range(L.unit_keys(N, d, left, right)):
@@ -246,16 +276,8 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
                                                                     uu(B, H, d, f, ph), t), ii))
                             DQ[ub(B, H, d, vf), L.query_row(N, d, vf % d, vt, vii), uh(H, d, vf),
                                vk] = DQA[vph, vf, vt, vii, vk] * T.cast(scale, dtype)
-                    slab_gemm("dK", TK, DST, QR)  # this tile's dS^T Q
-                    slab_gemm("dV", TV, PT, DOR)  # and P^T dO
-                    for c, kk in T.grid(L.slab_cols(left, right), packed_width(D, v)):
-                        with T.sblock("acc"):
-                            vph, vf, vc, vkk = T.axis.remap("SSSS", [ph, f, c, kk])
-                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
-                                                                      uu(B, H, d, f, ph), t))
-                            vp = T.axis.spatial(L.unit_keys(N, d, left, right), t * tt + c)
-                            DKA[vph, vf, vp, vkk] = DKA[vph, vf, vp, vkk] + TK[vph, vf, vt, vc, vkk]
-                            DVA[vph, vf, vp, vkk] = DVA[vph, vf, vp, vkk] + TV[vph, vf, vt, vc, vkk]
+                    slab_gemm("dK", DKA, DST, QR, dkv_rows, dkv_cols)  # the unit's dK += this tile's dS^T Q
+                    slab_gemm("dV", DVA, PT, DOR, dkv_rows, dkv_cols)  # and dV += P^T dO
                 # even units write their rows; odd units add where an even unit's slab wrote
                 # too, else write (so dk and dv need no zeroing)
                 for pp, k in T.grid(L.unit_keys(N, d, left, right), D):

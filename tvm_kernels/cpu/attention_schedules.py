@@ -10,10 +10,13 @@ or head-dim vectors):
 
 * forward: ``s`` (S = Q K^T, cols = key panels), ``o`` (O = P V, cols = head-dim vectors);
 * backward: ``s`` and ``dp`` (S and dP = dO V^T, key panels), ``dq`` (dQ = dS K, head-dim
-  vectors), ``dkv`` (dK += dS^T Q and dV += P^T dO, rows = slab keys, cols = head-dim vectors).
+  vectors).
 
 The tile height (``tm``: tiles of ``V * tm`` query rows) shapes the formulation's buffers and is a
-build parameter of :func:`tvm_kernels.cpu.attention.make_attention` (:data:`TILE_TM`).
+build parameter of :func:`tvm_kernels.cpu.attention.make_attention` (:data:`TILE_TM`). So is the
+backward's ``dkv`` register block (dK += dS^T Q and dV += P^T dO: ``dkv_rows`` slab keys x
+``dkv_cols`` head-dim vectors, :data:`DKV_BLOCK`), which the formulation spells out because it
+adds into the unit's sums in place.
 """
 
 from __future__ import annotations
@@ -29,17 +32,15 @@ from .schedules import KNOB_PREFIX, _register_block
 SPACE = {
     "attention": {"s_rows": [4, 8, 12, 16], "o_rows": [4, 8], "o_cols": [1, 2, 4]},
     "attention_grad": {"s_rows": [4, 8, 12, 16], "dp_rows": [4, 8, 12, 16], "dq_rows": [4, 8],
-                       "dq_cols": [1, 2, 4], "dkv_rows": [4, 8], "dkv_cols": [1, 2, 4]},
+                       "dq_cols": [1, 2, 4]},
 }
 
 #: Hand schedules by vector register file (32: AVX-512, 16: AVX2 / SSE).
 HAND = {
     32: {"attention": {"s_rows": 8, "o_rows": 4, "o_cols": 4},
-         "attention_grad": {"s_rows": 8, "dp_rows": 8, "dq_rows": 4, "dq_cols": 4, "dkv_rows": 4,
-                            "dkv_cols": 4}},
+         "attention_grad": {"s_rows": 8, "dp_rows": 8, "dq_rows": 4, "dq_cols": 4}},
     16: {"attention": {"s_rows": 4, "o_rows": 4, "o_cols": 2},
-         "attention_grad": {"s_rows": 4, "dp_rows": 4, "dq_rows": 4, "dq_cols": 2, "dkv_rows": 4,
-                            "dkv_cols": 2}},
+         "attention_grad": {"s_rows": 4, "dp_rows": 4, "dq_rows": 4, "dq_cols": 2}},
 }
 
 #: Tile height in vectors (tiles of V * TILE_TM rows), by dtype: the hand structure.
@@ -48,9 +49,17 @@ TILE_TM = {"float32": 2, "float64": 4}
 TILE_TMS = {"float32": [2, 1], "float64": [4, 2]}
 
 
-def structures(dtype: str) -> list[dict]:
-    """The fused kernels' structural choices (``make_attention``'s ``tm``), the hand one first."""
-    return [{"tm": tm} for tm in TILE_TMS[dtype]]
+#: The backward's dK/dV register block (slab keys, head-dim vectors) by vector register file.
+DKV_BLOCK = {32: (4, 4), 16: (4, 2)}
+
+
+def structures(dtype: str, product: str = "attention", isa: str = "avx512") -> list[dict]:
+    """The fused kernels' structural choices, the hand one first: the forward's tile heights
+    (``make_attention``'s ``tm``); the backward's one structure (tile height and dK/dV block)."""
+    if product == "attention":
+        return [{"tm": tm} for tm in TILE_TMS[dtype]]
+    rows, cols = DKV_BLOCK[32 if isa == "avx512" else 16]
+    return [{"tm": TILE_TM[dtype], "dkv_rows": rows, "dkv_cols": cols}]
 
 
 def _block(sch: s_tir.Schedule, base: str):
@@ -132,11 +141,10 @@ def schedule_attention(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
 
 def schedule_attention_grad(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
     """The formulation's loops are already parallel (zeroing, then the two phases of units);
-    the five GEMMs register-blocked, dS vectorised over the tile's rows."""
+    S, dP and dQ register-blocked (dK and dV are, by the formulation), dS vectorised over the
+    tile's rows."""
     for name in ("S", "dP"):
         key_gemm(sch, "attention_grad", knobs, name, name.lower(), v)
     row_gemm(sch, "attention_grad", knobs, "dQ", "dq", v)
-    for name in ("dK", "dV"):
-        row_gemm(sch, "attention_grad", knobs, name, "dkv", v)
     for name in ("P_lo", "P", "P_hi", "dS"):
         vectorize_last(sch, name, v)

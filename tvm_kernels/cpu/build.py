@@ -34,7 +34,7 @@ def structures(product: str, dtype: str, isa: str) -> list[dict]:
     """A product's structural choices (formulation parameters) on an ISA level, the hand one first."""
     if product in PRODUCTS:
         return schedules.structures(product, isa)
-    return attention_schedules.structures(dtype)
+    return attention_schedules.structures(dtype, product, isa)
 
 
 def structure_label(structure: dict) -> str:
