@@ -31,6 +31,9 @@ CASES = [
     (1, 1024, 1, 64, 1, 1, False),
     (1, 3000, 1, 16, 1, 1, False),            # six backward work units
     (2, 3000, 1, 16, 300, 1, True),           # units longer than their default (left + right)
+    # a wide band over several backward units, the last short, even ones running at once (units
+    # of 512 rows raced here: a unit wrote zeros over the keys of the unit after next)
+    (1, 4200, 1, 16, 256, 1, False),
 ]
 DTYPES = [torch.float32, torch.float64]
 

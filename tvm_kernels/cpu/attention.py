@@ -55,8 +55,10 @@ from tvm.script import tirx as T
 from ..band import ceil_div, rows_in_residue, tiles_per_residue
 
 #: Rows a work unit covers (at least ``left + right``, which the backward's two phases need). The
-#: forward's units are longer (each packs its rows plus ``left + right``); the backward's keep its
-#: four slab buffers (K, V and the dK, dV sums) in a core's L2.
+#: forward's units are longer (each packs its rows plus ``left + right``). The backward's are at
+#: least four times ``left + right`` too (:class:`Layout`'s ``overlaps``), so a wide band's unit
+#: packs and writes out 1.25x its rows, not 2x; a tile works on one slab of its four buffers (K,
+#: V and the dK, dV sums), which stays in a core's L2.
 UNIT_ROWS = 512
 FORWARD_UNIT_ROWS = 1024
 #: A tile's slab of keys is rounded up to a multiple of this (the key rows of a register block).
@@ -67,27 +69,34 @@ ALIGN = 4
 
 # ---- a vectorisable exp ---------------------------------------------------------------------
 
-#: Per dtype: (lower clamp, Taylor degree, integer type, mantissa bits, exponent bias). On the
-#: reduced argument |f| <= ln2/2 the Taylor remainder is f^(n+1)/(n+1)! : 5e-9 (degree 7) and
-#: 5e-18 (degree 13), under each dtype's rounding.
-_EXP = {"float32": (-87.0, 7, "int32", 23, 127), "float64": (-708.0, 13, "int64", 52, 1023)}
+#: Per dtype: (lower clamp, polynomial coefficients from degree 0, integer type, mantissa bits,
+#: exponent bias). On the reduced argument |f| <= ln2/2: float32 a degree-6 minimax fit of
+#: exp(f) (relative error 1.9e-9, fitted by Remez exchange), float64 the Taylor terms to degree 13
+#: (remainder 5e-18); both under their dtype's rounding.
+_EXP = {
+    "float32": (-87.0, (1.0000000005546077, 1.000000036344743, 0.4999999207507781,
+                        0.166664200720267, 0.04166822619179477, 0.008374824056731482,
+                        0.0013836835604885203), "int32", 23, 127),
+    "float64": (-708.0, tuple(1.0 / math.factorial(k) for k in range(14)), "int64", 52, 1023),
+}
 _LN2_HI, _LN2_LO = 0.693145751953125, 1.42860682030941723212e-6  # ln 2 = hi + lo, hi exact in 16 bits
 _LOG2E = 1.4426950408889634
 
 
 def fast_exp(x, dtype: str):
     """exp(x) for x <= 0 as branch-free arithmetic that LLVM vectorises (TVM's ``T.exp`` is a
-    scalar libm call): x = n ln2 + f, exp(f) by Horner, 2^n built in the exponent bits. Below the
-    clamp (exp < 2^-125 in float32) it returns the clamp's value, ~1e-38 / 1e-308: negligible
-    against a row sum that is at least 1."""
-    lo, degree, itype, mant, bias = _EXP[dtype]
+    scalar libm call): x = n ln2 + f, exp(f) by Horner, 2^n built in the exponent bits. (The
+    rounding trick of adding 1.5 * 2^mantissa does not survive: TVM's LLVM code may reassociate
+    and fold it away.) Below the clamp (exp < 2^-125 in float32) it returns the clamp's value,
+    ~1e-38 / 1e-308: negligible against a row sum that is at least 1."""
+    lo, coefficients, itype, mant, bias = _EXP[dtype]
     c = lambda value: tirx.const(value, dtype)  # noqa: E731
     x = T.max(x, c(lo))
     n = T.floor(x * c(_LOG2E) + c(0.5))
     f = (x - n * c(_LN2_HI)) - n * c(_LN2_LO)
-    p = c(1.0 / math.factorial(degree))
-    for k in range(degree - 1, -1, -1):  # Horner on the Taylor coefficients 1/k!: one FMA each
-        p = p * f + c(1.0 / math.factorial(k))
+    p = c(coefficients[-1])
+    for k in coefficients[-2::-1]:  # Horner: one FMA each
+        p = p * f + c(k)
     bits = T.shift_left(T.Cast(itype, n) + tirx.const(bias, itype), tirx.const(mant, itype))
     return p * T.reinterpret(dtype, bits)
 
@@ -126,8 +135,10 @@ def packed_width(dim, v):
 class Layout:
     """Index rules of the unit/tile layout for tile height ``tt`` (a multiple of ``v``)."""
 
-    def __init__(self, v: int, tm: int, unit_rows: int = UNIT_ROWS):
-        self.v, self.tm, self.tt, self.unit_rows = v, tm, v * tm, unit_rows
+    def __init__(self, v: int, tm: int, unit_rows: int = UNIT_ROWS, overlaps: int = 1):
+        """Units of at least ``unit_rows`` rows and ``overlaps`` times ``left + right`` (the rows
+        a unit packs beyond its own, so a unit repeats at most 1/overlaps of its neighbours')."""
+        self.v, self.tm, self.tt, self.unit_rows, self.overlaps = v, tm, v * tm, unit_rows, overlaps
 
     def slab_cols(self, left, right):  # a tile's slab of keys, rounded up to SLAB_ROUND
         return ceil_div(self.tt + left + right, SLAB_ROUND) * SLAB_ROUND
@@ -136,7 +147,8 @@ class Layout:
         return tiles_per_residue(N, d, self.tt)
 
     def unit_tiles(self, N, d, left, right):  # >= left + right rows, and >= 1
-        want = T.max(ceil_div(T.int64(self.unit_rows), self.tt), ceil_div(left + right, self.tt))
+        want = T.max(ceil_div(T.int64(self.unit_rows), self.tt),
+                     ceil_div(self.overlaps * (left + right), self.tt))
         return T.max(T.min(want, self.tiles(N, d)), T.int64(1))
 
     def units(self, N, d, left, right):

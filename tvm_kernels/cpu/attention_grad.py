@@ -14,13 +14,16 @@ may hold anything); outputs dq, dk, dv. Per tile of ``TT`` query rows (the layou
 
 No (N, C) tensor exists: S, P, dP, dS live per tile in a small buffer. **Parallel without
 atomics**: a work unit (a run of tiles of one batch, head and residue) accumulates dK and dV of
-its slab -- its rows plus ``left`` keys before and ``right`` after -- in its own buffer, then
-adds that buffer into dk, dv. Units cover at least ``left + right`` rows
-(:meth:`.attention.Layout.unit_tiles`), so the slabs of units ``u`` and ``u + 2`` never overlap:
-the even units run in parallel first, then the odd ones, and no two concurrent units write the
-same key row. The even units write their rows of dk and dv, the odd ones add where an even
-unit's slab holds the key and write elsewhere, so the outputs need no zeroing first. Accumulation
-is in the dtype (float32 for float32).
+its keys -- its rows plus ``left`` keys before and ``right`` after -- in its own buffer, and
+writes a key row into dk, dv as soon as no later tile's slab holds it (after each tile the rows
+before the next tile's slab; after the last, the rest of its band), while it is in cache.
+Units cover at least ``left + right`` rows (:meth:`.attention.Layout.unit_tiles`), so the keys
+of units ``u`` and ``u + 2`` never overlap: the even units run in parallel first, then the odd
+ones, and no two concurrent units write the same key row. (The packed buffer is longer: past
+the last tile's band, by the slab's rounding and a tile height. Those rows hold no sum and are
+keys of unit ``u + 2``: writing them raced with it.) The even units write
+their rows of dk and dv, the odd ones add where an even unit wrote the key and write elsewhere,
+so the outputs need no zeroing first. Accumulation is in the dtype (float32 for float32).
 
 Signature (``lse`` as the forward returned it, in the inputs' dtype)::
 
@@ -50,7 +53,7 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
     if SLAB_ROUND % dkv_rows or VEC_ROUND % dkv_cols:
         raise ValueError(f"dK/dV register block {dkv_rows} x {dkv_cols}: rows must divide "
                          f"{SLAB_ROUND}, columns {VEC_ROUND}")
-    L = Layout(v, tm, unit_rows)
+    L = Layout(v, tm, unit_rows, overlaps=4)  # a wide band's units pack and write out 1.25x, not 2x
     tt = L.tt
     zero = T.cast(0, dtype)
 
@@ -132,16 +135,57 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
                                 vko * dkv_cols * v + vkv * v + vkl] = R[vci, vkv * v + vkl]
 
     @T.macro(hygienic=False)
-    def p_part(name, start, extent, band):  # P over part of the slab (see attention.exp_part)
+    def p_part(name, start, extent, band):  # P over part of the slab (see attention.exp_part),
+        # and dS = P (dP - delta) from it while it is in a register
         for c, ii in T.grid(extent, tt):
             with T.sblock(name):
                 vph, vf, vii = T.axis.remap("SSS", [ph, f, ii])
                 vc = T.axis.spatial(L.slab_cols(left, right), start + c)
                 vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right, uu(B, H, d, f, ph), t))
+                # the same expression twice (CSE computes it once): a block that read back
+                # what it wrote would not be schedulable
                 PT[vph, vf, vt, vc, vii] = T.Select(
                     (L.in_band(left, right, vii, vc) if band else True) and KF[vph, vf, L.slab_key(
                         N, d, left, right, uu(B, H, d, vf, vph), vt, vc)] > zero,
                     fast_exp(ST[vph, vf, vt, vc, vii] - LT[vph, vf, vt, vii], dtype), zero)
+                DST[vph, vf, vt, vc, vii] = T.Select(
+                    (L.in_band(left, right, vii, vc) if band else True) and KF[vph, vf, L.slab_key(
+                        N, d, left, right, uu(B, H, d, vf, vph), vt, vc)] > zero,
+                    fast_exp(ST[vph, vf, vt, vc, vii] - LT[vph, vf, vt, vii], dtype), zero) * (
+                    DPT[vph, vf, vt, vc, vii] - DL[vph, vf, vt, vii])
+
+    @T.macro(hygienic=False)
+    def write_out(start, count, inside, shared):  # the unit's slab rows [start, start + count), now final
+        # even units write their rows; odd units add where an even unit's slab wrote
+        # too, else write (so dk and dv need no zeroing)
+        for p, k in T.grid(count, D):
+            with T.sblock("dkv_set"):
+                vph, vf, vk = T.axis.remap("SSS", [ph, f, k])
+                vp = T.axis.spatial(L.unit_keys(N, d, left, right), start + p)
+                T.where(inside(N, d, f % d, left, right, uu(B, H, d, f, ph), start + p) and (
+                    ph == 0 or not shared(B, N, H, d, left, right, f, ph, start + p)))
+                DK[ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right, uu(B, H, d, vf, vph),
+                                            vp), uh(H, d, vf), vk] = DKA[vph, vf, vp, vk] * T.cast(
+                    scale, dtype)
+                DV[ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right, uu(B, H, d, vf, vph),
+                                            vp), uh(H, d, vf), vk] = DVA[vph, vf, vp, vk]
+        for p, k in T.grid(count, D):
+            with T.sblock("dkv_add"):
+                vph, vf, vk = T.axis.remap("SSS", [ph, f, k])
+                vp = T.axis.spatial(L.unit_keys(N, d, left, right), start + p)
+                T.where(inside(N, d, f % d, left, right, uu(B, H, d, f, ph), start + p) and (
+                    ph == 1 and shared(B, N, H, d, left, right, f, ph, start + p)))
+                DK[ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right, uu(B, H, d, vf, vph),
+                                            vp), uh(H, d, vf), vk] = DK[
+                    ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right,
+                                             uu(B, H, d, vf, vph), vp), uh(H, d, vf), vk
+                ] + DKA[vph, vf, vp, vk] * T.cast(
+                    scale, dtype)
+                DV[ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right, uu(B, H, d, vf, vph),
+                                            vp), uh(H, d, vf), vk] = DV[
+                    ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right,
+                                             uu(B, H, d, vf, vph), vp), uh(H, d, vf), vk
+                ] + DVA[vph, vf, vp, vk]
 
     @T.prim_func(s_tir=True)
     def band_attention_backward(q_h: T.handle, k_h: T.handle, v_h: T.handle, m_h: T.handle,
@@ -249,13 +293,6 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
                            L.full_hi(left, right) - L.full_lo(left, right), False)
                     p_part("P_hi", L.full_hi(left, right),
                            L.slab_cols(left, right) - L.full_hi(left, right), True)
-                    for c, ii in T.grid(L.slab_cols(left, right), tt):
-                        with T.sblock("dS"):
-                            vph, vf, vc, vii = T.axis.remap("SSSS", [ph, f, c, ii])
-                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
-                                                                      uu(B, H, d, f, ph), t))
-                            DST[vph, vf, vt, vc, vii] = PT[vph, vf, vt, vc, vii] * (
-                                DPT[vph, vf, vt, vc, vii] - DL[vph, vf, vt, vii])
                     with T.sblock("dQ_tile"):
                         for ii, kk, c in T.grid(tt, packed_width(D, v), L.slab_cols(left, right)):
                             with T.sblock("dQ"):
@@ -278,33 +315,13 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
                                vk] = DQA[vph, vf, vt, vii, vk] * T.cast(scale, dtype)
                     slab_gemm("dK", DKA, DST, QR, dkv_rows, dkv_cols)  # the unit's dK += this tile's dS^T Q
                     slab_gemm("dV", DVA, PT, DOR, dkv_rows, dkv_cols)  # and dV += P^T dO
-                # even units write their rows; odd units add where an even unit's slab wrote
-                # too, else write (so dk and dv need no zeroing)
-                for pp, k in T.grid(L.unit_keys(N, d, left, right), D):
-                    with T.sblock("dkv_set"):
-                        vph, vf, vp, vk = T.axis.remap("SSSS", [ph, f, pp, k])
-                        T.where(inside(N, d, f % d, left, right, uu(B, H, d, f, ph), pp) and (
-                            ph == 0 or not shared(B, N, H, d, left, right, f, ph, pp)))
-                        DK[ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right, uu(B, H, d, vf, vph),
-                                                    vp), uh(H, d, vf), vk] = DKA[vph, vf, vp, vk] * T.cast(
-                            scale, dtype)
-                        DV[ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right, uu(B, H, d, vf, vph),
-                                                    vp), uh(H, d, vf), vk] = DVA[vph, vf, vp, vk]
-                for pp, k in T.grid(L.unit_keys(N, d, left, right), D):
-                    with T.sblock("dkv_add"):
-                        vph, vf, vp, vk = T.axis.remap("SSSS", [ph, f, pp, k])
-                        T.where(inside(N, d, f % d, left, right, uu(B, H, d, f, ph), pp) and (
-                            ph == 1 and shared(B, N, H, d, left, right, f, ph, pp)))
-                        DK[ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right, uu(B, H, d, vf, vph),
-                                                    vp), uh(H, d, vf), vk] = DK[
-                            ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right,
-                                                     uu(B, H, d, vf, vph), vp), uh(H, d, vf), vk
-                        ] + DKA[vph, vf, vp, vk] * T.cast(
-                            scale, dtype)
-                        DV[ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right, uu(B, H, d, vf, vph),
-                                                    vp), uh(H, d, vf), vk] = DV[
-                            ub(B, H, d, vf), key_row(L, N, d, vf % d, left, right,
-                                                     uu(B, H, d, vf, vph), vp), uh(H, d, vf), vk
-                        ] + DVA[vph, vf, vp, vk]
+                    # no later tile's slab holds the rows before the next tile's: out they go
+                    # while they are in cache; after the unit's last tile, the rest of that
+                    # tile's band. Not the packed rows past it (the slab's rounding and the
+                    # buffer's last tile height): they hold no sum, and they are keys of unit
+                    # u + 2, which runs in the same phase.
+                    write_out(t * tt, T.if_then_else(
+                        t + 1 == L.tile_count(N, d, left, right, uu(B, H, d, f, ph)),
+                        tt + left + right, T.int64(tt)), inside, shared)
 
     return band_attention_backward.with_attr("global_symbol", "band_attention_backward")

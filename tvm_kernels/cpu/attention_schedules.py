@@ -141,10 +141,10 @@ def schedule_attention(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
 
 def schedule_attention_grad(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
     """The formulation's loops are already parallel (zeroing, then the two phases of units);
-    S, dP and dQ register-blocked (dK and dV are, by the formulation), dS vectorised over the
-    tile's rows."""
+    S, dP and dQ register-blocked (dK and dV are, by the formulation), P and dS vectorised over
+    the tile's rows."""
     for name in ("S", "dP"):
         key_gemm(sch, "attention_grad", knobs, name, name.lower(), v)
     row_gemm(sch, "attention_grad", knobs, "dQ", "dq", v)
-    for name in ("P_lo", "P", "P_hi", "dS"):
+    for name in ("P_lo", "P", "P_hi"):
         vectorize_last(sch, name, v)
