@@ -13,9 +13,8 @@ the cores): the compiled ``band_attention`` (forward) and ``band_attention`` +
 that (the six band products of the unfused path). torch SGEMM (4096^3) is timed in the same
 interleaved loop. ``--memory N`` also measures the peak resident memory that a forward and a
 forward+backward add (VmHWM, reset through /proc/self/clear_refs, in a fresh subprocess each)
-against the bytes of the tensors they return. That is the kernels' own memory: the backward's
-``delta`` = rowsum(dO * O), the caller's part, is made before the measurement (torch's
-``(dout * out).sum(-1)`` and ``linalg.vecdot`` both materialise dout * out: 48 MB at N=16384).
+against the bytes of the tensors they return (the backward forms delta = rowsum(dO * O) - dlse
+itself, per tile; ``dlse`` is zeros here, as when only ``out`` is used).
 """
 
 from __future__ import annotations
@@ -43,13 +42,11 @@ def fused_forward(q, k, v, w, mask, out, lse):
     backends.kernel_for("attention", q)(q, k, v, mask, out, lse, w, w, 1, D ** -0.5)
 
 
-def fused_backward(q, k, v, w, mask, out, lse, dout, grads, delta=None):
+def fused_backward(q, k, v, w, mask, out, lse, dout, grads, dlse):
     from longformer_tvm import backends
 
-    if delta is None:  # the op's part: rowsum(dO * O) (minus dlse)
-        delta = torch.linalg.vecdot(dout, out)
-    backends.kernel_for("attention_backward", q)(q, k, v, mask, dout, lse, delta, *grads, w, w, 1,
-                                                 D ** -0.5)
+    backends.kernel_for("attention_backward", q)(q, k, v, mask, dout, out, lse, dlse, *grads, w, w,
+                                                 1, D ** -0.5)
 
 
 def unfused(q, k, v, w):
@@ -63,13 +60,13 @@ def implementations(n: int, w: int, flex: bool) -> dict:
     g = torch.Generator().manual_seed(0)
     q, k, v, dout = (torch.randn(B, n, H, D, generator=g) for _ in range(4))
     mask = torch.zeros(1, 1, dtype=torch.uint8).expand(B, n)
-    out, lse = torch.empty_like(q), torch.empty(B, n, H)
+    out, lse, dlse = torch.empty_like(q), torch.empty(B, n, H), torch.zeros(B, n, H)
     grads = [torch.empty_like(q) for _ in range(3)]
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
 
     def fused_fb():
         fused_forward(q, k, v, w, mask, out, lse)
-        fused_backward(q, k, v, w, mask, out, lse, dout, grads)
+        fused_backward(q, k, v, w, mask, out, lse, dout, grads, dlse)
 
     def unfused_fb():
         unfused(*leaves, w).backward(dout)
@@ -128,12 +125,12 @@ def memory_point(n: int, w: int, what: str) -> dict:
     returned = [out, lse, *grads]
     for t in returned:
         t.zero_()  # fault the returned tensors in: they are counted as returned, not extra
+    dlse = torch.zeros(B, n, H)  # an input, as dout is
     reset_peak_rss()
-    delta = torch.zeros(B, n, H)  # stands for the op's rowsum(dO * O), outside the kernels
     before = 1024 * (status_kib("VmHWM") or 0)
     fused_forward(q, k, v, w, mask, out, lse)
     if grads:
-        fused_backward(q, k, v, w, mask, out, lse, dout, grads, delta)
+        fused_backward(q, k, v, w, mask, out, lse, dout, grads, dlse)
     extra = 1024 * (status_kib("VmHWM") or 0) - before
     size = sum(t.numel() * t.element_size() for t in returned)
     return {"what": what, "n": n, "w": w, "extra_mb": extra / 2 ** 20, "returned_mb": size / 2 ** 20}

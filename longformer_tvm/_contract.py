@@ -46,11 +46,11 @@ SIGNATURES = {
     "pv": ("p", "v", "out", "left", "right", "dilation"),
     "tpv": ("g", "x", "out", "left", "right", "dilation"),
     # q, k, v, out, dout, dq, dk, dv: (B, N, H, D); key_mask: (B, N) uint8, nonzero = excluded,
-    # any strides (a stride-0 expanded zero for none); lse and delta = rowsum(dout * out) - dlse:
+    # any strides (a stride-0 expanded zero for none); lse and dlse (the LSE's gradient):
     # (B, N, H) in the inputs' dtype
     "attention": ("q", "k", "v", "key_mask", "out", "lse", "left", "right", "dilation", "scale"),
-    "attention_backward": ("q", "k", "v", "key_mask", "dout", "lse", "delta", "dq", "dk", "dv",
-                           "left", "right", "dilation", "scale"),
+    "attention_backward": ("q", "k", "v", "key_mask", "dout", "out", "lse", "dlse", "dq", "dk",
+                           "dv", "left", "right", "dilation", "scale"),
 }
 
 # ---- devices --------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ TUNING_SHAPE = (1, 4096, 12, 64, 256, 1)
 #: (C = 33, 129, 513 at w = 16, 64, 256, the windows of the tuning acceptance): w <= 32, w <= 128.
 WINDOW_CLASSES = (("narrow", 65, 16), ("medium", 257, 64), ("wide", None, 256))
 #: Where each CPU product's call takes ``left`` (``right`` follows it): the dispatch by window reads it.
-WINDOW_ARG = {"qk": 3, "pv": 3, "tpv": 3, "attention": 6, "attention_backward": 10}
+WINDOW_ARG = {product: args.index("left") for product, args in SIGNATURES.items()}
 
 
 def window_class(columns: int) -> str:

@@ -173,19 +173,25 @@ def band_attention_backward(dout: torch.Tensor, dlse: torch.Tensor, q: torch.Ten
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     band = ops._band(left, right, dilation)
     kernel = _kernel(BACKWARD, q)
-    # D_i = rowsum(dO * O) - dlse_i: the LSE's gradient enters the backward as a shift of D
-    # (a batched dot product: no (B, N, H, D) temporary, unlike (dout * out).sum(-1))
-    delta = torch.einsum("bnhd,bnhd->bnh", dout.to(lse.dtype), out.to(lse.dtype)) - dlse.to(lse.dtype)
-    delta = delta.masked_fill(torch.isneginf(lse), 0.0).contiguous()
     if kernel is None or q.numel() == 0 or not (_finite(q) and _finite(k)):
-        return composite_backward(dout, q, k, v, key_mask, lse, delta, band, scale)
-    q, k, v, dout = (ops._prepare(t) for t in (q, k, v, dout))
+        return composite_backward(dout, q, k, v, key_mask, lse, _delta(dout, out, dlse, lse), band,
+                                  scale)
+    q, k, v, dout, out = (ops._prepare(t) for t in (q, k, v, dout, out))
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    _per_run(kernel, band, q.shape[1],
-             (q, k, v, _mask_arg(key_mask, q), dout, lse, delta, dq, dk, dv), scale)
+    # the kernel forms delta = rowsum(dO * O) - dlse itself, from the rows it reads
+    _per_run(kernel, band, q.shape[1], (q, k, v, _mask_arg(key_mask, q), dout, out, lse,
+                                        dlse.to(lse.dtype).contiguous(), dq, dk, dv), scale)
     if not (_finite(dq) and _finite(dk) and _finite(dv)):
-        return composite_backward(dout, q, k, v, key_mask, lse, delta, band, scale)
+        return composite_backward(dout, q, k, v, key_mask, lse, _delta(dout, out, dlse, lse), band,
+                                  scale)
     return dq, dk, dv
+
+
+def _delta(dout, out, dlse, lse) -> torch.Tensor:
+    """D_i = rowsum(dO * O) - dlse_i (the LSE's gradient enters the backward as a shift of D), 0
+    on rows with no valid key; a batched dot product: no (B, N, H, D) temporary."""
+    delta = torch.einsum("bnhd,bnhd->bnh", dout.to(lse.dtype), out.to(lse.dtype)) - dlse.to(lse.dtype)
+    return delta.masked_fill(torch.isneginf(lse), 0.0).contiguous()
 
 
 @band_attention_backward.register_fake

@@ -43,8 +43,9 @@ def _id(case):
     return f"B{b}-N{n}-H{h}-D{d}-w{w}-d{dil}{'-ar' if ar else ''}".replace(" ", "")
 
 
-def fused(q, k, v, band, mask, dout=None):
-    """out, lse (and dq, dk, dv when ``dout`` is given) from the compiled kernels."""
+def fused(q, k, v, band, mask, dout=None, dlse=None):
+    """out, lse (and dq, dk, dv when ``dout`` is given, of out and ``dlse`` . lse) from the
+    compiled kernels."""
     bsz, n, heads, _ = q.shape
     key_mask = (torch.zeros(1, 1, dtype=torch.uint8).expand(bsz, n) if mask is None
                 else mask.to(torch.uint8))
@@ -58,12 +59,12 @@ def fused(q, k, v, band, mask, dout=None):
         forward(q[:, :, s], k[:, :, s], v[:, :, s], key_mask, out[:, :, s], lse[:, :, s],
                 band.left, band.right, min(d, n), scale)
     if dout is not None:
-        delta = (dout * out).sum(-1)
+        dlse = torch.zeros_like(lse) if dlse is None else dlse
         for h0, h1, d in band.head_runs():
             s = slice(h0, h1)
-            backward(q[:, :, s], k[:, :, s], v[:, :, s], key_mask, dout[:, :, s], lse[:, :, s],
-                     delta[:, :, s], *(g[:, :, s] for g in grads), band.left, band.right,
-                     min(d, n), scale)
+            backward(q[:, :, s], k[:, :, s], v[:, :, s], key_mask, dout[:, :, s], out[:, :, s],
+                     lse[:, :, s], dlse[:, :, s], *(g[:, :, s] for g in grads), band.left,
+                     band.right, min(d, n), scale)
     return (out, lse) if dout is None else (out, lse, *grads)
 
 
@@ -105,14 +106,21 @@ def _data(case, seed=0):
 def _check(case, dtype, mask_on: bool):
     band, q, k, v, dout, mask = _data(case)
     mask = mask if mask_on else None
+    # a gradient for the LSE too; on rows with no valid key (lse -inf) the kernel must ignore
+    # it, so it is NaN there (and 0 for the oracle, whose lse is constant there)
+    dlse = torch.randn(q.shape[:3], generator=torch.Generator().manual_seed(1), dtype=q.dtype)
     args = [x.clone().requires_grad_() for x in (q, k, v)]
     want, want_lse = dense(*args, band, mask)
-    want.backward(dout)
+    keyless = torch.isneginf(want_lse).detach()
+    torch.autograd.backward([want, want_lse.masked_fill(keyless, 0.0)],
+                            [dout, dlse.masked_fill(keyless, 0.0)])
     plain_args = [x.to(dtype).requires_grad_() for x in (q, k, v)]
     plain, plain_lse = dense(*plain_args, band, mask)
-    plain.backward(dout.to(dtype))
+    torch.autograd.backward([plain, plain_lse.masked_fill(keyless, 0.0)],
+                            [dout.to(dtype), dlse.masked_fill(keyless, 0.0).to(dtype)])
     low = [x.to(dtype) for x in (q, k, v, dout)]
-    got = fused(*_restride(low[:3]), band, mask, dout=_restride(low[3:])[0])
+    got = fused(*_restride(low[:3]), band, mask, dout=_restride(low[3:])[0],
+                dlse=dlse.masked_fill(keyless, float("nan")).to(dtype))
     names = ("out", "lse", "dq", "dk", "dv")
     wants = (want, want_lse, *(a.grad for a in args))
     plains = (plain, plain_lse, *(a.grad for a in plain_args))

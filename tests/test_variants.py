@@ -40,7 +40,7 @@ def test_dispatch_takes_the_first_row_whose_bound_holds_the_band():
     d("q", "k", "out", 40, 40, 1, 0.0)  # called like the kernel: left, right at WINDOW_ARG
     assert calls == [("medium", ("q", "k", "out", 40, 40, 1, 0.0))]
     fused = Dispatch("attention_backward", rows)
-    fused(*range(10), 1, 2, 1, 0.5)
+    fused(*range(11), 1, 2, 1, 0.5)
     assert calls[-1][0] == "narrow"
 
 

@@ -1,8 +1,9 @@
 """Fused sliding-window attention, backward (TIR), in the FlashAttention-2 manner.
 
-Inputs are the forward's (q, k, v, key_mask), ``dout``, the forward's ``lse`` and ``delta`` =
-rowsum(dout * out) - dlse (the caller folds the LSE's own gradient in there; rows with lse = -inf
-may hold anything); outputs dq, dk, dv. Per tile of ``TT`` query rows (the layout of
+Inputs are the forward's (q, k, v, key_mask), ``dout``, the forward's ``out`` and ``lse``, and
+``dlse``, the LSE's own gradient (zeros when only ``out`` is used); outputs dq, dk, dv. Per tile
+the kernel forms ``delta = rowsum(dout * out) - dlse`` from the tile's rows of both (0 on a
+row with lse = -inf, whose P is 0 and whose dlse may hold anything). Per tile of ``TT`` query rows (the layout of
 :mod:`.attention`: residues, work units, slabs), with the tile's slab keys ``c``::
 
     S^T  = K_slab (scale Q_tile)^T              (slab x TT, kept transposed as in the forward)
@@ -27,11 +28,11 @@ so the outputs need no zeroing first. Accumulation is in the dtype (float32 for 
 
 Signature (``lse`` as the forward returned it, in the inputs' dtype)::
 
-    band_attention_backward(q, k, v, key_mask[B,N] uint8, dout, lse[B,N,H], delta[B,N,H],
+    band_attention_backward(q, k, v, key_mask[B,N] uint8, dout, out, lse[B,N,H], dlse[B,N,H],
                             dq, dk, dv, left: int64, right: int64, dilation: int64,
                             scale: float64)
 
-(B, N, H, D) tensors with any strides and a unit last stride; lse and delta strides (s0, s1, 1),
+(B, N, H, D) tensors with any strides and a unit last stride; lse and dlse strides (s0, s1, 1),
 in the inputs' dtype; key_mask as for the forward.
 """
 
@@ -189,12 +190,13 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
 
     @T.prim_func(s_tir=True)
     def band_attention_backward(q_h: T.handle, k_h: T.handle, v_h: T.handle, m_h: T.handle,
-                                do_h: T.handle, l_h: T.handle, dl_h: T.handle, dq_h: T.handle,
-                                dk_h: T.handle, dv_h: T.handle, left: T.int64, right: T.int64,
-                                d: T.int64, scale: T.float64):
+                                do_h: T.handle, o_h: T.handle, l_h: T.handle, dl_h: T.handle,
+                                dq_h: T.handle, dk_h: T.handle, dv_h: T.handle, left: T.int64,
+                                right: T.int64, d: T.int64, scale: T.float64):
         T.func_attr({"tirx.noalias": True})
         B, N, H, D = T.int64(), T.int64(), T.int64(), T.int64()
-        Q, K, Vt, DO, DQ, DK, DV = views((q_h, k_h, v_h, do_h, dq_h, dk_h, dv_h), dtype, B, N, H, D)
+        Q, K, Vt, DO, O, DQ, DK, DV = views((q_h, k_h, v_h, do_h, o_h, dq_h, dk_h, dv_h), dtype,
+                                            B, N, H, D)
         M = mask_view(m_h, B, N)
         LS = lse_view(l_h, dtype, B, N, H)
         DLV = lse_view(dl_h, dtype, B, N, H)
@@ -215,6 +217,7 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
         DOR = T.sblock_alloc_buffer(tshape + (tt, packed_width(D, v)), dtype)
         LT = T.sblock_alloc_buffer(tshape + (tt,), dtype)
         DL = T.sblock_alloc_buffer(tshape + (tt,), dtype)
+        RS = T.sblock_alloc_buffer(tshape + (tt,), dtype)
         ST = T.sblock_alloc_buffer(tshape + (L.slab_cols(left, right), tt), dtype)
         PT = T.sblock_alloc_buffer(tshape + (L.slab_cols(left, right), tt), dtype)
         DPT = T.sblock_alloc_buffer(tshape + (L.slab_cols(left, right), tt), dtype)
@@ -276,6 +279,15 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
                                                                       uu(B, H, d, f, ph), t))
                             QT[vph, vf, vt, vk, vii] = QR[vph, vf, vt, vii, vk] * T.cast(scale, dtype)
                             DOT[vph, vf, vt, vk, vii] = DOR[vph, vf, vt, vii, vk]
+                    for ii, k in T.grid(tt, D):  # rowsum(dO * O), O read where it lies
+                        with T.sblock("rowsum"):
+                            vph, vf, vii, vk = T.axis.remap("SSSR", [ph, f, ii, k])
+                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
+                                                                      uu(B, H, d, f, ph), t))
+                            with T.init():
+                                RS[vph, vf, vt, vii] = zero
+                            RS[vph, vf, vt, vii] = RS[vph, vf, vt, vii] + DOR[vph, vf, vt, vii, vk] * O[
+                                ub(B, H, d, vf), L.query_row(N, d, vf % d, vt, vii), uh(H, d, vf), vk]
                     for ii in range(tt):
                         with T.sblock("lse"):
                             vph, vf, vii = T.axis.remap("SSS", [ph, f, ii])
@@ -283,8 +295,12 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
                                                                       uu(B, H, d, f, ph), t))
                             LT[vph, vf, vt, vii] = LS[ub(B, H, d, vf), L.query_row(
                                 N, d, vf % d, vt, vii), uh(H, d, vf)]
-                            DL[vph, vf, vt, vii] = DLV[ub(B, H, d, vf), L.query_row(
-                                N, d, vf % d, vt, vii), uh(H, d, vf)]
+                            # delta = rowsum(dO * O) - dlse; 0 on a row with no valid key (lse
+                            # -inf, P = 0), where dlse may be anything
+                            DL[vph, vf, vt, vii] = T.Select(LS[ub(B, H, d, vf), L.query_row(
+                                N, d, vf % d, vt, vii), uh(H, d, vf)] > tirx.const(float("-inf"), dtype),
+                                RS[vph, vf, vt, vii] - DLV[ub(B, H, d, vf), L.query_row(
+                                    N, d, vf % d, vt, vii), uh(H, d, vf)], zero)
                     key_gemm("S", ST, KR, QT)  # S^T = K_slab (scale Q)^T
                     key_gemm("dP", DPT, VR, DOT)  # dP^T = V_slab dO^T
                     # as in the forward: the middle slab columns test only the key's flag

@@ -176,7 +176,7 @@ TUNABLE = ("qk", "pv", "tpv", "attention")
 
 def call_args(product: str, dtype: str, cls: str) -> tuple:
     """A product's call at the window class's shape: torch tensors and scalars, as the package
-    passes them (q, k, v ~ N(0, 1); the backward's lse and delta from a plausible range)."""
+    passes them (q, k, v ~ N(0, 1); the backward's lse from a plausible range)."""
     import torch
 
     b, n, h, d, w, dil = class_shape(cls)
@@ -194,8 +194,8 @@ def call_args(product: str, dtype: str, cls: str) -> tuple:
         return (mk(b, n, h, d), mk(b, n, h, d), mk(b, n, h, d), mask, mk(b, n, h, d),
                 mk(b, n, h), w, w, dil, scale)
     lse = torch.full((b, n, h), float(torch.log(torch.tensor(float(c)))) + 1.0).to(dt)
-    return (mk(b, n, h, d), mk(b, n, h, d), mk(b, n, h, d), mask, mk(b, n, h, d), lse,
-            mk(b, n, h), mk(b, n, h, d), mk(b, n, h, d), mk(b, n, h, d), w, w, dil, scale)
+    return (mk(b, n, h, d), mk(b, n, h, d), mk(b, n, h, d), mask, mk(b, n, h, d), mk(b, n, h, d),
+            lse, mk(b, n, h), mk(b, n, h, d), mk(b, n, h, d), mk(b, n, h, d), w, w, dil, scale)
 
 
 def _scalars(product: str, cls: str) -> tuple:
