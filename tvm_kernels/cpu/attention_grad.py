@@ -215,6 +215,7 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
         DOT = T.sblock_alloc_buffer(tshape + (D, tt), dtype)
         QR = T.sblock_alloc_buffer(tshape + (tt, packed_width(D, v)), dtype)
         DOR = T.sblock_alloc_buffer(tshape + (tt, packed_width(D, v)), dtype)
+        OR = T.sblock_alloc_buffer(tshape + (tt, packed_width(D, v)), dtype)
         LT = T.sblock_alloc_buffer(tshape + (tt,), dtype)
         DL = T.sblock_alloc_buffer(tshape + (tt,), dtype)
         RS = T.sblock_alloc_buffer(tshape + (tt,), dtype)
@@ -264,6 +265,9 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
                             DOR[vph, vf, vt, vii, vk] = T.Select(L.query_ok(N, d, vf % d, vt, vii), DO[
                                 ub(B, H, d, vf), L.query_row(N, d, vf % d, vt, vii), uh(H, d, vf),
                                 vk], zero)
+                            OR[vph, vf, vt, vii, vk] = T.Select(L.query_ok(N, d, vf % d, vt, vii), O[
+                                ub(B, H, d, vf), L.query_row(N, d, vf % d, vt, vii), uh(H, d, vf),
+                                vk], zero)
                     for ii, k in T.grid(tt, packed_width(D, v) - D):
                         with T.sblock("rows_pad"):
                             vph, vf, vii = T.axis.remap("SSS", [ph, f, ii])
@@ -272,6 +276,7 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
                                                                       uu(B, H, d, f, ph), t))
                             QR[vph, vf, vt, vii, vk] = zero
                             DOR[vph, vf, vt, vii, vk] = zero
+                            OR[vph, vf, vt, vii, vk] = zero
                     for k, ii in T.grid(D, tt):
                         with T.sblock("cols"):
                             vph, vf, vk, vii = T.axis.remap("SSSS", [ph, f, k, ii])
@@ -279,15 +284,16 @@ def make_attention_grad(dtype: str, v: int, tm: int = 2, unit_rows: int = UNIT_R
                                                                       uu(B, H, d, f, ph), t))
                             QT[vph, vf, vt, vk, vii] = QR[vph, vf, vt, vii, vk] * T.cast(scale, dtype)
                             DOT[vph, vf, vt, vk, vii] = DOR[vph, vf, vt, vii, vk]
-                    for ii, k in T.grid(tt, D):  # rowsum(dO * O), O read where it lies
-                        with T.sblock("rowsum"):
-                            vph, vf, vii, vk = T.axis.remap("SSSR", [ph, f, ii, k])
-                            vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
-                                                                      uu(B, H, d, f, ph), t))
-                            with T.init():
-                                RS[vph, vf, vt, vii] = zero
-                            RS[vph, vf, vt, vii] = RS[vph, vf, vt, vii] + DOR[vph, vf, vt, vii, vk] * O[
-                                ub(B, H, d, vf), L.query_row(N, d, vf % d, vt, vii), uh(H, d, vf), vk]
+                    with T.sblock("rowsum_tile"):  # its own scope, so it can be scheduled
+                        for ii, k in T.grid(tt, packed_width(D, v)):  # rowsum(dO * O), zero-padded
+                            with T.sblock("rowsum"):
+                                vph, vf, vii, vk = T.axis.remap("SSSR", [ph, f, ii, k])
+                                vt = T.axis.spatial(L.tiles(N, d), L.tile(N, d, left, right,
+                                                                          uu(B, H, d, f, ph), t))
+                                with T.init():
+                                    RS[vph, vf, vt, vii] = zero
+                                RS[vph, vf, vt, vii] = RS[vph, vf, vt, vii] + DOR[
+                                    vph, vf, vt, vii, vk] * OR[vph, vf, vt, vii, vk]
                     for ii in range(tt):
                         with T.sblock("lse"):
                             vph, vf, vii = T.axis.remap("SSS", [ph, f, ii])

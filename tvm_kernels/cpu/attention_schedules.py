@@ -146,5 +146,10 @@ def schedule_attention_grad(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
     for name in ("S", "dP"):
         key_gemm(sch, "attention_grad", knobs, name, name.lower(), v)
     row_gemm(sch, "attention_grad", knobs, "dQ", "dq", v)
+    # rowsum(dO * O): V lanes of partial sums per row (LLVM does not vectorise a float reduction
+    # by itself), then their sum
+    rowsum = _block(sch, "rowsum")
+    _, lanes = sch.split(sch.get_loops(rowsum)[-1], [None, v])
+    sch.vectorize(sch.get_loops(sch.rfactor(lanes, 0))[-1])
     for name in ("P_lo", "P", "P_hi"):
         vectorize_last(sch, name, v)
