@@ -146,7 +146,7 @@ class Layout:
     def tiles(self, N, d):
         return tiles_per_residue(N, d, self.tt)
 
-    def unit_tiles(self, N, d, left, right):  # >= left + right rows, and >= 1
+    def unit_tiles(self, N, d, left, right):  # >= overlaps * (left + right) rows, and >= 1
         want = T.max(ceil_div(T.int64(self.unit_rows), self.tt),
                      ceil_div(self.overlaps * (left + right), self.tt))
         return T.max(T.min(want, self.tiles(N, d)), T.int64(1))

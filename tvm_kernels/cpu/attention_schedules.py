@@ -58,7 +58,7 @@ def structures(dtype: str, product: str = "attention", isa: str = "avx512") -> l
     (``make_attention``'s ``tm``); the backward's one structure (tile height and dK/dV block)."""
     if product == "attention":
         return [{"tm": tm} for tm in TILE_TMS[dtype]]
-    rows, cols = DKV_BLOCK[32 if isa == "avx512" else 16]
+    rows, cols = DKV_BLOCK[schedules._registers(isa)]
     return [{"tm": TILE_TM[dtype], "dkv_rows": rows, "dkv_cols": cols}]
 
 
@@ -82,7 +82,7 @@ def _block(sch: s_tir.Schedule, base: str):
 
 
 def hand_knobs(product: str, isa: str) -> dict:
-    return dict(HAND[32 if isa == "avx512" else 16][product])
+    return dict(HAND[schedules._registers(isa)][product])
 
 
 def _knob(sch: s_tir.Schedule, product: str, knobs: dict, name: str, block):

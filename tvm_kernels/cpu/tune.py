@@ -448,10 +448,10 @@ def confirm_cpu(isa: str, dtype: str, db_root: Path, products, classes, rpc=None
                             logger.warning("%s/%s: a candidate did not build: %s", product, cls,
                                            res.error_msg)
                         else:
-                            built.append((c, res.artifact_path))
-                    for _ in range(rounds):
-                        for c, artifact in built:
                             info = ms.arg_info.ArgInfo.from_prim_func(c["workload"].mod["main"])
+                            built.append((c, res.artifact_path, info))
+                    for _ in range(rounds):
+                        for c, artifact, info in built:
                             result = runner.run([ms.runner.RunnerInput(artifact, "cpu", info)])[0].result()
                             if result.error_msg or not result.run_secs:
                                 logger.warning("%s/%s: a candidate did not run: %s", product, cls,
