@@ -110,14 +110,11 @@ def make_qk(dtype: str, v: int, tm: int = 1, panel_round: int = QK_PANEL_ROUND):
     def n_panels(N, d, left, right):
         return tiles_per_residue(N, d, tt) * tm + slab_panels(left, right)
 
-    def key_lo(left):  # first packed position holding a key (position p*v + pi = key + left)
-        return left
-
-    def key_hi(N, d, r, left):
-        return left + rows_in_residue(N, d, r)
+    def key_hi(N, d, r, left):  # end of the packed positions holding a key (they start at left:
+        return left + rows_in_residue(N, d, r)  # position p*v + pi = key + left)
 
     def full_lo(left):  # first panel whose v positions all hold keys
-        return ceil_div(key_lo(left), v)
+        return ceil_div(left, v)
 
     def full_hi(N, d, r, left):  # end of the panels whose v positions all hold keys
         return T.max(key_hi(N, d, r, left) // v, full_lo(left))
@@ -143,7 +140,7 @@ def make_qk(dtype: str, v: int, tm: int = 1, panel_round: int = QK_PANEL_ROUND):
                 with T.sblock("pack_lo"):
                     vb, vh, vr, vp, vk, vpi = T.axis.remap("SSSSSS", [b, h, r, p, k, pi])
                     KP[vb, vh, vr, vp, vk, vpi] = T.if_then_else(
-                        vp * v + vpi >= key_lo(left) and vp * v + vpi < key_hi(N, d, vr, left),
+                        vp * v + vpi >= left and vp * v + vpi < key_hi(N, d, vr, left),
                         K[vb, clamp((vp * v + vpi - left) * d + vr, 0, N - 1), vh, vk], zero)
             for p, k, pi in T.grid(full_hi(N, d, r, left) - full_lo(left), D, v):
                 with T.sblock("pack"):
@@ -157,7 +154,7 @@ def make_qk(dtype: str, v: int, tm: int = 1, panel_round: int = QK_PANEL_ROUND):
                     vp = T.axis.spatial(n_panels(N, d, left, right), full_hi(N, d, r, left) + p)
                     vk, vpi = T.axis.remap("SS", [k, pi])
                     KP[vb, vh, vr, vp, vk, vpi] = T.if_then_else(
-                        vp * v + vpi >= key_lo(left) and vp * v + vpi < key_hi(N, d, vr, left),
+                        vp * v + vpi >= left and vp * v + vpi < key_hi(N, d, vr, left),
                         K[vb, clamp((vp * v + vpi - left) * d + vr, 0, N - 1), vh, vk], zero)
         for b, h, blk, r in T.grid(B, H, tiles_per_residue(N, d, tt), d):
             with T.sblock("S_tile"):  # its own scope, so the GEMM can be scheduled alone
@@ -208,21 +205,19 @@ def make_pv(dtype: str, v: int, group: int, vecs: int = PV_VECS):
     P is the largest operand and each of its rows is a short stream (one head's row; the head's
     next row lies ``H`` rows on), which the hardware prefetcher picks up late. So the first
     head-dim pass of each group prefetches the next group's rows into L2, one cache line of each
-    row per line of its columns, counted from its first (``prefetch``): 15.1 against 16.0 ms at
-    N=4096, w=256 on 2 cores.
-    The prefetch must sit inside the reduction loop, so the head-dim split (``vecs``) is part of
-    the formulation here, not of the schedule; and the accumulators stay in registers across it
-    only if the register block is a stack buffer, which TVM makes of a "global" buffer under
-    1024 bytes (:func:`pv_block_bytes`).
+    row per line of its columns, counted from its first (``prefetch``; 1.06x at w=256). The
+    prefetch must sit inside the reduction loop, so the head-dim split (``vecs``) is part of the
+    formulation here, not of the schedule; and the accumulators stay in registers across it only
+    if the register block is a stack buffer, which TVM makes of a "global" buffer under 1024 bytes
+    (:func:`pv_block_bytes`).
 
     Work units: a run of consecutive tiles of one (batch, head, residue) -- up to
     :data:`PV_UNIT_ROWS` rows or four times the slab's overlap, and at least two units per
     residue -- packs its own slab of V and then runs its tiles, so the packed slab is still in
     the core's cache when the GEMM reads it, and the workspace is one unit's slab per thread.
-    (One pack of every head before all GEMMs wrote the slabs out to memory and read them back:
-    14.2 against 15.4 ms at N=4096, w=256, and slower at every shape tried.) Units, not heads,
-    are the parallel items, so one head still spreads over two cores; a unit's overlap with the
-    next is packed by both.
+    (Packing every head before all GEMMs wrote the slabs to memory: 1.08x slower.) Units, not
+    heads, are the parallel items, so one head still spreads over two cores; a unit's overlap
+    with the next is packed by both.
 
     A group's slab column holds one key for all its rows, so the middle GEMM runs over the columns
     whose key is inside the sequence, and each row's edge is cut to them too: P's entries at keys
@@ -383,8 +378,8 @@ def make_tpv(dtype: str, v: int, rows: int = TPV_ROWS):
     G[i, j - i + left] X[i]``. The reduction runs over the tile's slab of rows.
 
     Slab row q of tile ``blk`` (residue position ``blk*TT + q - right``) is the query row. The
-    sheared operand ``PS[q, ii]`` holds ``G[slab row q, left + right + ii - q]`` (a slab row copies
-    from one G row), zero where that is outside the band or the sequence.
+    sheared operand ``PS[q, ii]`` holds ``G[slab row q, left + right + ii - q]`` (a slab row
+    copies from one G row), zero where that is outside the band or the sequence.
 
     The GEMM runs in blocks of ``rows`` output rows (the register block; ``TT`` a multiple of it).
     Slab row q is in row ii's band when ``0 <= q - ii < C``: relative to the block, slab rows
@@ -446,17 +441,22 @@ def make_tpv(dtype: str, v: int, rows: int = TPV_ROWS):
                         T.where(m >= right and m < right + rows_in_residue(N, d, r))
                         VP[vb, vh, vr, vm, vk] = Xt[vb, (vm - right) * d + vr, vh, vk]
         for b, h, blk, r in T.grid(B, H, tiles_per_residue(N, d, tt), d):
-            # a slab row copies tt consecutive G entries; only the first and last tt - 1 slab rows
-            # (and rows outside the sequence) are partial
-            for o, i in T.grid(slab(left, right), T.int64(tt)):
-                with T.sblock("shear_edge"):
-                    vb, vh, vr, vblk, vo, vi = T.axis.remap("SSSSSS", [b, h, r, blk, o, i])
-                    T.where(tirx.Not(full_row(N, d, r, left, right, blk, o)))
-                    PS[vb, vh, vr, vblk, vo, vi] = T.if_then_else(
-                        vi >= inner_lo(left, right, vo)
-                        and vi < inner_hi(N, d, vr, left, right, vblk, vo),
-                        G[vb, clamp((vblk * tt + vo - right) * d + vr, 0, N - 1), vh,
-                          clamp(left + right + vi - vo, 0, C - 1)], zero)
+            # a slab row copies tt consecutive G entries; the first and last tt - 1 slab rows (and
+            # rows outside the sequence) are partial: zeros, then a copy of the row's valid range
+            for o in range(slab(left, right)):
+                for i in range(T.if_then_else(full_row(N, d, r, left, right, blk, o), T.int64(0),
+                                              T.int64(tt))):
+                    with T.sblock("shear_zero"):
+                        vb, vh, vr, vblk, vo, vi = T.axis.remap("SSSSSS", [b, h, r, blk, o, i])
+                        PS[vb, vh, vr, vblk, vo, vi] = zero
+                for i in range(T.if_then_else(full_row(N, d, r, left, right, blk, o), T.int64(0),
+                                              inner_hi(N, d, r, left, right, blk, o)
+                                              - inner_lo(left, right, o))):
+                    with T.sblock("shear_edge"):
+                        vb, vh, vr, vblk, vo = T.axis.remap("SSSSS", [b, h, r, blk, o])
+                        vi = T.axis.spatial(tt, inner_lo(left, right, o) + i)
+                        PS[vb, vh, vr, vblk, vo, vi] = G[vb, (vblk * tt + vo - right) * d + vr, vh,
+                                                         left + right + vi - vo]
             for o, i in T.grid(slab(left, right), T.int64(tt)):
                 with T.sblock("shear"):
                     vb, vh, vr, vblk, vo, vi = T.axis.remap("SSSSSS", [b, h, r, blk, o, i])
