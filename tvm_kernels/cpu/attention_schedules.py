@@ -140,9 +140,9 @@ def schedule_attention(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
 
 
 def schedule_attention_grad(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
-    """The formulation's loops are already parallel (zeroing, then the two phases of units);
-    S, dP and dQ register-blocked (dK and dV are, by the formulation), P and dS vectorised over
-    the tile's rows."""
+    """The formulation's loops are already parallel (the two phases of units, each zeroing its
+    own sums); S, dP and dQ register-blocked (dK and dV are, by the formulation), P and dS
+    vectorised over the tile's rows."""
     for name in ("S", "dP"):
         key_gemm(sch, "attention_grad", knobs, name, name.lower(), v)
     row_gemm(sch, "attention_grad", knobs, "dQ", "dq", v)

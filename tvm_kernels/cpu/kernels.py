@@ -110,8 +110,8 @@ def make_qk(dtype: str, v: int, tm: int = 1, panel_round: int = QK_PANEL_ROUND):
     def n_panels(N, d, left, right):
         return tiles_per_residue(N, d, tt) * tm + slab_panels(left, right)
 
-    def key_hi(N, d, r, left):  # end of the packed positions holding a key (they start at left:
-        return left + rows_in_residue(N, d, r)  # position p*v + pi = key + left)
+    def key_hi(N, d, r, left):  # packed position p*v + pi holds key p*v + pi - left: keys from
+        return left + rows_in_residue(N, d, r)  # position left to this one
 
     def full_lo(left):  # first panel whose v positions all hold keys
         return ceil_div(left, v)
