@@ -119,7 +119,8 @@ TUNING_DIR = PREBUILT_DIR / "tuning"
 #: The sources each device's libraries are compiled from (relative to the repository); their hash
 #: goes into each manifest entry, so an edit to the CPU kernels leaves the CUDA libraries valid.
 SOURCES = {
-    "cpu": ["tvm_kernels/band.py", "tvm_kernels/cpu/kernels.py", "tvm_kernels/cpu/schedules.py",
+    "cpu": ["tvm_kernels/band.py", "tvm_kernels/cpu/kernels.py", "tvm_kernels/cpu/tpv.py",
+            "tvm_kernels/cpu/schedules.py",
             "tvm_kernels/cpu/attention.py", "tvm_kernels/cpu/attention_grad.py",
             "tvm_kernels/cpu/attention_schedules.py"],
     "cuda": ["tvm_kernels/band.py", "tvm_kernels/cuda/kernels.py", "tvm_kernels/cuda/schedules.py"],

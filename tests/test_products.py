@@ -28,6 +28,7 @@ CASES = [
     (3, 1024, 2, 32, 17, [3, 1], True),
     (1, 1024, 4, 64, 256, [1, 2, 3, 5], True),
     (1, 1024, 3, 7, 1, 1, False),           # odd head size
+    (1, 2300, 2, 16, 5, [1, 2], False),     # three QK work units in a residue, the last short
 ]
 
 

@@ -21,12 +21,10 @@ adds into the unit's sums in place.
 
 from __future__ import annotations
 
-import re
-
 from tvm import s_tir
 
 from . import schedules
-from .schedules import KNOB_PREFIX, _register_block
+from .schedules import KNOB_PREFIX, _block, _register_block
 
 #: Candidate values per knob. Rows must divide the tile height V * tm.
 SPACE = {
@@ -60,25 +58,6 @@ def structures(dtype: str, product: str = "attention", isa: str = "avx512") -> l
         return [{"tm": tm} for tm in TILE_TMS[dtype]]
     rows, cols = DKV_BLOCK[schedules._registers(isa)]
     return [{"tm": TILE_TM[dtype], "dkv_rows": rows, "dkv_cols": cols}]
-
-
-def _block(sch: s_tir.Schedule, base: str):
-    """The block named ``base`` or ``base_<n>``: TVM suffixes the blocks of a macro's later
-    expansions (:mod:`.attention`'s ``max_part``, ``exp_part``)."""
-    names, stack = [], [sch.mod["main"].body]
-    while stack:  # the statement tree, as schedules.knobs_in walks it
-        node = stack.pop()
-        if hasattr(node, "iter_vars") and hasattr(node, "name_hint"):
-            names.append(str(node.name_hint))
-        for field in ("body", "block", "then_case", "else_case"):
-            child = getattr(node, field, None)
-            if child is not None:
-                stack.append(child)
-        stack.extend(getattr(node, "seq", None) or [])
-    found = [n for n in names if re.fullmatch(re.escape(base) + r"(_\d+)?", n)]
-    if len(found) != 1:
-        raise ValueError(f"schedule: expected one block named {base!r}, found {found}")
-    return sch.get_sblock(found[0])
 
 
 def hand_knobs(product: str, isa: str) -> dict:

@@ -20,7 +20,7 @@ from tvm import s_tir, te
 from longformer_tvm._contract import FUSED_PRODUCTS, PRODUCTS, WINDOW_CLASSES
 
 from .. import band, publish
-from . import attention, attention_grad, attention_schedules, kernels, schedules
+from . import attention, attention_grad, attention_schedules, kernels, schedules, tpv
 from .targets import CPU_TARGETS, CpuTarget
 
 logger = logging.getLogger("tvm_kernels")
@@ -47,7 +47,7 @@ def tiled_func(product: str, dtype: str, target: CpuTarget,
     structure is recorded as the function's ``lftvm_structure`` attribute."""
     structure = dict(structure or structures(product, dtype, target.isa)[0])
     lanes = target.lanes(dtype)
-    make = {"qk": kernels.make_qk, "pv": kernels.make_pv, "tpv": kernels.make_tpv,
+    make = {"qk": kernels.make_qk, "pv": kernels.make_pv, "tpv": tpv.make_tpv,
             "attention": attention.make_attention,
             "attention_backward": attention_grad.make_attention_grad}[product]
     func = make(dtype, lanes, **structure)

@@ -12,21 +12,23 @@ are restated so that the inner loops are branch-free dense GEMMs:
 * **Packing.** The slab operand is copied once into a zero-padded buffer (``pack``), so reads past
   either end of the sequence are zeros and the reduction needs no bounds check. For QK the keys
   are packed in panels of ``V`` (the vector width) with the head dimension outside, so one vector
-  load reads ``V`` consecutive keys.
+  load reads ``V`` consecutive keys. QK and PV pack per work unit (:class:`WorkUnits`: a run of
+  tiles of one head), so the GEMM reads the slab while it is in cache; transposed PV packs each
+  head's operand before the tiles (per unit it measured 1.1-1.2x faster at w <= 64 but 0.9x at
+  w=256 with H > 1, where its sheared reads of G slowed: not adopted).
 * **Ranges, not masks.** Where only part of a row is valid (the band's ends, the sequence's ends),
   the loop bounds are computed per row, so every inner loop is a plain copy or a plain fill.
 * **Nothing outside the band meets a row,** not even times zero (``0 * inf`` is NaN), so an inf or
   NaN stays in the rows whose band holds it, as in :mod:`longformer_tvm.reference`: QK reads off
   only the band; PV's middle GEMM runs over the columns inside the sequence; both products' edges
-  are per-row ranges of the band, not masks (:func:`make_pv`, :func:`make_tpv`).
+  are per-row ranges of the band, not masks (:func:`make_pv`, :func:`.tpv.make_tpv`).
 * **PV reads P where it lies.** The sheared copy of P that a slab GEMM needs costs as much
   memory traffic as the GEMM reads (P is the largest operand), and a copy does not overlap the
   arithmetic. PV instead broadcasts P's entries straight from its rows in the GEMM, in groups of
   rows for which every middle slab column is inside the band; only the group's few edge columns
-  are per row, and the next group's rows of P are prefetched (:func:`make_pv`). It packs V per
-  work unit (a run of tiles of one head), so the GEMM reads the slab while it is in cache.
+  are per row, and the next group's rows of P are prefetched (:func:`make_pv`).
   Transposed PV, whose P operand runs along diagonals, keeps the copy; its GEMM's blocks of
-  ``TPV_ROWS`` rows split like PV's groups, into a middle and per-row edges (:func:`make_tpv`).
+  ``TPV_ROWS`` rows split like PV's groups, into a middle and per-row edges (:func:`.tpv.make_tpv`).
 
 Every function takes strided tensors (any strides, unit last stride) with symbolic B, N, H, D and
 scalar window extents ``left``/``right`` (C = left + right + 1) and dilation ``d``; one compiled
@@ -47,6 +49,8 @@ from ..band import ceil_div, operands, rows_in_residue, tiles_per_residue
 
 #: Slab panels are rounded up to a multiple of this many by default (``make_qk``'s panel_round).
 QK_PANEL_ROUND = 2
+#: QK's work units hold up to this many rows (:class:`WorkUnits`).
+QK_UNIT_ROWS = 1024
 #: Packed head dimension is rounded up to a multiple of this many vectors (PV microkernel width).
 PV_VEC_ROUND = 4
 #: Head-dim vectors per pass of PV's middle GEMM (its register block width); divides PV_VEC_ROUND.
@@ -54,7 +58,7 @@ PV_VECS = 2
 #: TVM keeps a "global" buffer on the stack (where LLVM can hold it in registers) below this size.
 STACK_BUFFER_BYTES = 1024
 CACHE_LINE_BYTES = 64
-#: Transposed PV's register block height (:func:`make_tpv`): 4 x ``vecs`` accumulators.
+#: Transposed PV's register block height (:func:`.tpv.make_tpv`): 4 x ``vecs`` accumulators.
 TPV_ROWS = 4
 #: PV's work units hold up to this many rows (more for wide bands; :func:`make_pv`).
 PV_UNIT_ROWS = 2048
@@ -97,27 +101,75 @@ def edge_col(block, C, ii, e, lo=0, hi=None):  # the column of row ii's edge ind
     return T.if_then_else(e < n_low, l0 + e, h0 + e - n_low)
 
 
+class WorkUnits:
+    """Work units of tiles of ``tt`` rows: a unit is a run of consecutive tiles of one (batch,
+    head, residue), the parallel item; it packs its slab and then runs its tiles, so the GEMM
+    reads the packed slab while it is in the core's cache, and the workspace is one unit's slab
+    per thread. (Packing every head before all GEMMs wrote the slabs to memory and read them
+    back: PV 1.08x, QK 1.05-1.25x slower.) A unit holds up to ``rows`` rows or four times the
+    band's overlap, and there are at least two per residue, so one head spreads over two cores;
+    a unit's overlap with the next is packed by both."""
+
+    def __init__(self, tt: int, rows: int):
+        self.tt, self.rows = tt, rows
+
+    def unit_tiles(self, N, d, left, right):
+        return T.min(ceil_div(T.max(T.int64(self.rows), 4 * (left + right)), self.tt),
+                     ceil_div(tiles_per_residue(N, d, self.tt), 2))
+
+    def units(self, N, d, left, right):  # per (batch, head, residue)
+        return ceil_div(tiles_per_residue(N, d, self.tt),
+                        T.max(self.unit_tiles(N, d, left, right), 1))
+
+    def tile(self, N, d, left, right, u, t):  # tile t of unit u
+        return u * self.unit_tiles(N, d, left, right) + t
+
+    def unit_tile_count(self, N, d, left, right, u):  # the last unit may have fewer
+        return T.min(self.unit_tiles(N, d, left, right),
+                     tiles_per_residue(N, d, self.tt) - u * self.unit_tiles(N, d, left, right))
+
+    def unit_row(self, N, d, left, right, u, m):  # residue slab row of the unit's packed row m
+        return u * self.unit_tiles(N, d, left, right) * self.tt + m
+
+
 #: Data alignment (bytes) the views are declared with.
 ALIGN = 4
 
 
 def make_qk(dtype: str, v: int, tm: int = 1, panel_round: int = QK_PANEL_ROUND):
     """Banded Q K^T. ``v``: vector lanes (panel width); ``tm``: tile rows in units of v; a tile's
-    slab is a multiple of ``panel_round`` panels (the microkernel's width divides it)."""
+    slab is a multiple of ``panel_round`` panels (the microkernel's width divides it).
+
+    Work units (:class:`WorkUnits`) pack their panels of keys."""
     tt, zero = v * tm, T.cast(0, dtype)
     slab_panels = lambda left, right: qk_slab_panels(left, right, tt, v, panel_round)  # noqa: E731
 
-    def n_panels(N, d, left, right):
-        return tiles_per_residue(N, d, tt) * tm + slab_panels(left, right)
+    U = WorkUnits(tt, QK_UNIT_ROWS)
+    unit_tiles, units, unit_tile_count, tile = U.unit_tiles, U.units, U.unit_tile_count, U.tile
+
+    def row(N, d, left, right, u, t, ii):  # residue row of unit u's tile t's row ii
+        return tile(N, d, left, right, u, t) * tt + ii
+
+    def unit_panels(N, d, left, right, u):  # the panels unit u packs (its slab)
+        return unit_tile_count(N, d, left, right, u) * tm + slab_panels(left, right)
+
+    def first_panel(N, d, left, right, u):  # residue panel of the unit's packed panel 0
+        return u * unit_tiles(N, d, left, right) * tm
+
+    def key_of(N, d, left, right, u, p, pi):  # residue key of unit u's packed panel p, lane pi
+        return (first_panel(N, d, left, right, u) + p) * v + pi - left
 
     def key_hi(N, d, r, left):  # packed position p*v + pi holds key p*v + pi - left: keys from
         return left + rows_in_residue(N, d, r)  # position left to this one
 
-    def full_lo(left):  # first panel whose v positions all hold keys
-        return ceil_div(left, v)
+    # the unit's panels whose v positions all hold keys: [full_lo, full_hi), unit-relative
+    def full_lo(N, d, left, right, u):
+        return clamp(ceil_div(left, v) - first_panel(N, d, left, right, u), 0,
+                     unit_panels(N, d, left, right, u))
 
-    def full_hi(N, d, r, left):  # end of the panels whose v positions all hold keys
-        return T.max(key_hi(N, d, r, left) // v, full_lo(left))
+    def full_hi(N, d, r, left, right, u):
+        return clamp(key_hi(N, d, r, left) // v - first_panel(N, d, left, right, u),
+                     full_lo(N, d, left, right, u), unit_panels(N, d, left, right, u))
 
     def band_lo(left, C, mrow):  # first valid column of residue row mrow
         return clamp(left - mrow, 0, C)
@@ -125,68 +177,88 @@ def make_qk(dtype: str, v: int, tm: int = 1, panel_round: int = QK_PANEL_ROUND):
     def band_hi(N, d, r, left, C, mrow):
         return clamp(rows_in_residue(N, d, r) - mrow + left, band_lo(left, C, mrow), C)
 
+    @T.macro(hygienic=False)
+    def pack_part(name, start, extent, masked, key_of):
+        # packed position pos = key + left is panel pos // v, lane pos % v: KP[.., p, k, pi]
+        # (``key_of`` comes as an argument: a macro's names resolve where it is expanded)
+        for p, k, pi in T.grid(extent, D, v):
+            with T.sblock(name):
+                vu, vb, vh, vr, vk, vpi = T.axis.remap("SSSSSS", [u, b, h, r, k, pi])
+                vp = T.axis.spatial(unit_tiles(N, d, left, right) * tm + slab_panels(left, right),
+                                    start + p)
+                if masked:
+                    KP[vb, vh, vr, vu, vp, vk, vpi] = T.if_then_else(
+                        key_of(N, d, left, right, vu, vp, vpi) >= 0
+                        and key_of(N, d, left, right, vu, vp, vpi) < rows_in_residue(N, d, vr),
+                        K[vb, clamp(key_of(N, d, left, right, vu, vp, vpi) * d + vr, 0, N - 1),
+                          vh, vk], zero)
+                else:
+                    KP[vb, vh, vr, vu, vp, vk, vpi] = K[
+                        vb, key_of(N, d, left, right, vu, vp, vpi) * d + vr, vh, vk]
+
     @T.prim_func(s_tir=True)
     def band_qk(q_h: T.handle, k_h: T.handle, o_h: T.handle, left: T.int64, right: T.int64,
                 d: T.int64, pad: T.float64):
         T.func_attr({"tirx.noalias": True})
         (B, N, H, D, C), (Q, K, O) = operands("qk", dtype, (q_h, k_h, o_h), ALIGN)
-        KP = T.sblock_alloc_buffer((B, H, d, n_panels(N, d, left, right), D, v), dtype)
+        KP = T.sblock_alloc_buffer((B, H, d, units(N, d, left, right),
+                                    unit_tiles(N, d, left, right) * tm + slab_panels(left, right),
+                                    D, v), dtype)
         S = T.sblock_alloc_buffer(
             (B, H, d, tiles_per_residue(N, d, tt), tt, slab_panels(left, right), v), dtype)
-        # pack: position pp = key + left is panel pp // v, lane pp % v: KP[b,h,r, p, k, pi].
-        # Panels entirely inside the sequence are plain gathers; the few others are masked.
-        for b, h, r in T.grid(B, H, d):
-            for p, k, pi in T.grid(full_lo(left), D, v):
-                with T.sblock("pack_lo"):
-                    vb, vh, vr, vp, vk, vpi = T.axis.remap("SSSSSS", [b, h, r, p, k, pi])
-                    KP[vb, vh, vr, vp, vk, vpi] = T.if_then_else(
-                        vp * v + vpi >= left and vp * v + vpi < key_hi(N, d, vr, left),
-                        K[vb, clamp((vp * v + vpi - left) * d + vr, 0, N - 1), vh, vk], zero)
-            for p, k, pi in T.grid(full_hi(N, d, r, left) - full_lo(left), D, v):
-                with T.sblock("pack"):
-                    vb, vh, vr = T.axis.remap("SSS", [b, h, r])
-                    vp = T.axis.spatial(n_panels(N, d, left, right), full_lo(left) + p)
-                    vk, vpi = T.axis.remap("SS", [k, pi])
-                    KP[vb, vh, vr, vp, vk, vpi] = K[vb, (vp * v + vpi - left) * d + vr, vh, vk]
-            for p, k, pi in T.grid(n_panels(N, d, left, right) - full_hi(N, d, r, left), D, v):
-                with T.sblock("pack_hi"):
-                    vb, vh, vr = T.axis.remap("SSS", [b, h, r])
-                    vp = T.axis.spatial(n_panels(N, d, left, right), full_hi(N, d, r, left) + p)
-                    vk, vpi = T.axis.remap("SS", [k, pi])
-                    KP[vb, vh, vr, vp, vk, vpi] = T.if_then_else(
-                        vp * v + vpi >= left and vp * v + vpi < key_hi(N, d, vr, left),
-                        K[vb, clamp((vp * v + vpi - left) * d + vr, 0, N - 1), vh, vk], zero)
-        for b, h, blk, r in T.grid(B, H, tiles_per_residue(N, d, tt), d):
-            with T.sblock("S_tile"):  # its own scope, so the GEMM can be scheduled alone
-                for ii, qo, qi, k in T.grid(tt, slab_panels(left, right), v, D):
-                    with T.sblock("S"):
-                        vb, vh, vr, vblk, vii, vqo, vqi, vk = T.axis.remap(
-                            "SSSSSSSR", [b, h, r, blk, ii, qo, qi, k])
-                        with T.init():
-                            S[vb, vh, vr, vblk, vii, vqo, vqi] = zero
-                        S[vb, vh, vr, vblk, vii, vqo, vqi] = (
-                            S[vb, vh, vr, vblk, vii, vqo, vqi]
-                            + Q[vb, T.min((vblk * tt + vii) * d + vr, N - 1), vh, vk]
-                            * KP[vb, vh, vr, vblk * tm + vqo, vk, vqi])
-            for ii in range(tt):
-                for j in range(band_lo(left, C, blk * tt + ii)):
-                    with T.sblock("out_lo"):
-                        vb, vh, vr, vblk, vii, vj = T.axis.remap("SSSSSS", [b, h, r, blk, ii, j])
-                        T.where((blk * tt + ii) * d + r < N)
-                        O[vb, (vblk * tt + vii) * d + vr, vh, vj] = T.cast(pad, dtype)
-                for j in range(band_hi(N, d, r, left, C, blk * tt + ii) - band_lo(left, C, blk * tt + ii)):
-                    with T.sblock("out"):
-                        vb, vh, vr, vblk, vii = T.axis.remap("SSSSS", [b, h, r, blk, ii])
-                        vj = T.axis.spatial(C, band_lo(left, C, blk * tt + ii) + j)
-                        T.where((blk * tt + ii) * d + r < N)
-                        O[vb, (vblk * tt + vii) * d + vr, vh, vj] = S[
-                            vb, vh, vr, vblk, vii, (vii + vj) // v, (vii + vj) % v]
-                for j in range(C - band_hi(N, d, r, left, C, blk * tt + ii)):
-                    with T.sblock("out_hi"):
-                        vb, vh, vr, vblk, vii = T.axis.remap("SSSSS", [b, h, r, blk, ii])
-                        vj = T.axis.spatial(C, band_hi(N, d, r, left, C, blk * tt + ii) + j)
-                        T.where((blk * tt + ii) * d + r < N)
-                        O[vb, (vblk * tt + vii) * d + vr, vh, vj] = T.cast(pad, dtype)
+        # units outermost, as PV's (the fused parallel loop splits by B, H and d)
+        for u, b, h, r in T.grid(units(N, d, left, right), B, H, d):
+            # panels entirely inside the sequence are plain gathers; the few others are masked
+            pack_part("pack_lo", 0, full_lo(N, d, left, right, u), True, key_of)
+            pack_part("pack", full_lo(N, d, left, right, u),
+                      full_hi(N, d, r, left, right, u) - full_lo(N, d, left, right, u), False,
+                      key_of)
+            pack_part("pack_hi", full_hi(N, d, r, left, right, u),
+                      unit_panels(N, d, left, right, u) - full_hi(N, d, r, left, right, u), True,
+                      key_of)
+            for t in range(unit_tile_count(N, d, left, right, u)):
+                with T.sblock("S_tile"):  # its own scope, so the GEMM can be scheduled alone
+                    for ii, qo, qi, k in T.grid(tt, slab_panels(left, right), v, D):
+                        with T.sblock("S"):
+                            vu, vb, vh, vr, vii, vqo, vqi, vk = T.axis.remap(
+                                "SSSSSSSR", [u, b, h, r, ii, qo, qi, k])
+                            vblk = T.axis.spatial(tiles_per_residue(N, d, tt),
+                                                  tile(N, d, left, right, u, t))
+                            with T.init():
+                                S[vb, vh, vr, vblk, vii, vqo, vqi] = zero
+                            S[vb, vh, vr, vblk, vii, vqo, vqi] = (
+                                S[vb, vh, vr, vblk, vii, vqo, vqi]
+                                + Q[vb, T.min((vblk * tt + vii) * d + vr, N - 1), vh, vk]
+                                * KP[vb, vh, vr, vu, (vblk - vu * unit_tiles(N, d, left, right))
+                                     * tm + vqo, vk, vqi])
+                for ii in range(tt):
+                    for j in range(band_lo(left, C, row(N, d, left, right, u, t, ii))):
+                        with T.sblock("out_lo"):
+                            vb, vh, vr, vii, vj = T.axis.remap("SSSSS", [b, h, r, ii, j])
+                            vblk = T.axis.spatial(tiles_per_residue(N, d, tt),
+                                                  tile(N, d, left, right, u, t))
+                            T.where((row(N, d, left, right, u, t, ii)) * d + r < N)
+                            O[vb, (vblk * tt + vii) * d + vr, vh, vj] = T.cast(pad, dtype)
+                    for j in range(band_hi(N, d, r, left, C, row(N, d, left, right, u, t, ii))
+                                   - band_lo(left, C, row(N, d, left, right, u, t, ii))):
+                        with T.sblock("out"):
+                            vb, vh, vr, vii = T.axis.remap("SSSS", [b, h, r, ii])
+                            vblk = T.axis.spatial(tiles_per_residue(N, d, tt),
+                                                  tile(N, d, left, right, u, t))
+                            vj = T.axis.spatial(
+                                C, band_lo(left, C, row(N, d, left, right, u, t, ii)) + j)
+                            T.where((row(N, d, left, right, u, t, ii)) * d + r < N)
+                            O[vb, (vblk * tt + vii) * d + vr, vh, vj] = S[
+                                vb, vh, vr, vblk, vii, (vii + vj) // v, (vii + vj) % v]
+                    for j in range(C - band_hi(N, d, r, left, C, row(N, d, left, right, u, t, ii))):
+                        with T.sblock("out_hi"):
+                            vb, vh, vr, vii = T.axis.remap("SSSS", [b, h, r, ii])
+                            vblk = T.axis.spatial(tiles_per_residue(N, d, tt),
+                                                  tile(N, d, left, right, u, t))
+                            vj = T.axis.spatial(
+                                C, band_hi(N, d, r, left, C, row(N, d, left, right, u, t, ii)) + j)
+                            T.where((row(N, d, left, right, u, t, ii)) * d + r < N)
+                            O[vb, (vblk * tt + vii) * d + vr, vh, vj] = T.cast(pad, dtype)
 
     return band_qk.with_attr("global_symbol", "band_qk")
 
@@ -211,13 +283,7 @@ def make_pv(dtype: str, v: int, group: int, vecs: int = PV_VECS):
     if the register block is a stack buffer, which TVM makes of a "global" buffer under 1024 bytes
     (:func:`pv_block_bytes`).
 
-    Work units: a run of consecutive tiles of one (batch, head, residue) -- up to
-    :data:`PV_UNIT_ROWS` rows or four times the slab's overlap, and at least two units per
-    residue -- packs its own slab of V and then runs its tiles, so the packed slab is still in
-    the core's cache when the GEMM reads it, and the workspace is one unit's slab per thread.
-    (Packing every head before all GEMMs wrote the slabs to memory: 1.08x slower.) Units, not
-    heads, are the parallel items, so one head still spreads over two cores; a unit's overlap
-    with the next is packed by both.
+    Work units (:class:`WorkUnits`, up to :data:`PV_UNIT_ROWS` rows) pack their slab of V.
 
     A group's slab column holds one key for all its rows, so the middle GEMM runs over the columns
     whose key is inside the sequence, and each row's edge is cut to them too: P's entries at keys
@@ -232,28 +298,15 @@ def make_pv(dtype: str, v: int, group: int, vecs: int = PV_VECS):
     line = CACHE_LINE_BYTES * 8 // DataType(dtype).bits  # P entries per cache line
     chunk = vecs * v  # head-dim entries per pass
 
-    def unit_tiles(N, d, left, right):  # tiles per work unit; at least two units per residue
-        return T.min(ceil_div(T.max(T.int64(PV_UNIT_ROWS), 4 * (left + right)), tt),
-                     ceil_div(tiles_per_residue(N, d, tt), 2))
-
-    def units(N, d, left, right):  # work units per (batch, head, residue)
-        return ceil_div(tiles_per_residue(N, d, tt), T.max(unit_tiles(N, d, left, right), 1))
+    U = WorkUnits(tt, PV_UNIT_ROWS)
+    unit_tiles, units, tile, unit_row = U.unit_tiles, U.units, U.tile, U.unit_row
+    unit_tile_count = U.unit_tile_count
 
     def unit_rows(N, d, left, right):  # a unit's slab; the hi edge reads group - 1 rows past it
         return unit_tiles(N, d, left, right) * tt + left + right + group
 
-    def tile(N, d, left, right, u, t):  # tile t of unit u
-        return u * unit_tiles(N, d, left, right) + t
-
-    def unit_row(N, d, left, right, u, m):  # residue slab row of the unit's packed row m
-        return u * unit_tiles(N, d, left, right) * tt + m
-
     def packed_row(N, d, left, right, u, blk, g, q):  # unit's packed row of a group's slab column
         return (blk - u * unit_tiles(N, d, left, right)) * tt + g * group + q
-
-    def unit_tile_count(N, d, left, right, u):  # the last unit may have fewer
-        return T.min(unit_tiles(N, d, left, right),
-                     tiles_per_residue(N, d, tt) - u * unit_tiles(N, d, left, right))
 
     def p_row(N, d, r, blk, g, ii):  # P row of a group row; rows past N read row N-1, unused
         return T.min((blk * tt + g * group + ii) * d + r, N - 1)
@@ -371,130 +424,3 @@ def make_pv(dtype: str, v: int, group: int, vecs: int = PV_VECS):
                             OM[vb, vh, vr, vblk, vii, vk] + OE[vb, vh, vr, vblk, vii, vk])
 
     return band_pv.with_attr("global_symbol", "band_pv")
-
-
-def make_tpv(dtype: str, v: int, rows: int = TPV_ROWS):
-    """The adjoint of PV in P: ``out[j] = sum over the rows i whose band holds key j of
-    G[i, j - i + left] X[i]``. The reduction runs over the tile's slab of rows.
-
-    Slab row q of tile ``blk`` (residue position ``blk*TT + q - right``) is the query row. The
-    sheared operand ``PS[q, ii]`` holds ``G[slab row q, left + right + ii - q]`` (a slab row
-    copies from one G row), zero where that is outside the band or the sequence.
-
-    The GEMM runs in blocks of ``rows`` output rows (the register block; ``TT`` a multiple of it).
-    Slab row q is in row ii's band when ``0 <= q - ii < C``: relative to the block, slab rows
-    ``[rows - 1, C)`` are in every row's (``acc``), and each row takes its range of the others
-    (``acc_edge``). So no zero of PS meets X (times an inf in X it would be a NaN in a row whose
-    band never held it) but outside the sequence, where the packed X is zero too.
-    """
-    tt = rows * ceil_div(v, rows)  # tile height: a multiple of the block (no panel alignment here)
-    zero = T.cast(0, dtype)
-
-    def slab(left, right):
-        return tt + left + right
-
-    def total_rows(N, d, left, right):
-        return tiles_per_residue(N, d, tt) * tt + left + right
-
-    def src_lo(left, right, blk):  # slab rows q whose residue position is >= 0
-        return clamp(right - blk * tt, 0, slab(left, right))
-
-    def src_hi(N, d, r, left, right, blk):
-        return clamp(rows_in_residue(N, d, r) + right - blk * tt, src_lo(left, right, blk),
-                     slab(left, right))
-
-    # slab row q is valid on ii in [q - left - right, q], intersected with [0, tt), when q is in
-    # [src_lo, src_hi)
-    def inner_lo(left, right, q):
-        return clamp(q - left - right, 0, tt)
-
-    def inner_hi(N, d, r, left, right, blk, q):
-        ok = T.Cast("int64", q >= src_lo(left, right, blk)) * T.Cast(
-            "int64", q < src_hi(N, d, r, left, right, blk))
-        return clamp((q + 1) * ok, inner_lo(left, right, q), tt)
-
-    def full_row(N, d, r, left, right, blk, q):  # all tt entries of slab row q valid
-        return tirx.all(q >= tt - 1, q <= left + right, q >= src_lo(left, right, blk),
-                        q < src_hi(N, d, r, left, right, blk))
-
-    @T.prim_func(s_tir=True)
-    def band_tpv(g_h: T.handle, x_h: T.handle, o_h: T.handle, left: T.int64, right: T.int64,
-                 d: T.int64):
-        T.func_attr({"tirx.noalias": True})
-        (B, N, H, D, C), (G, Xt, O) = operands("tpv", dtype, (g_h, x_h, o_h), ALIGN)
-        VP = T.sblock_alloc_buffer((B, H, d, total_rows(N, d, left, right), packed_width(D, v)), dtype)
-        PS = T.sblock_alloc_buffer(
-            (B, H, d, tiles_per_residue(N, d, tt), slab(left, right), tt), dtype)
-        tile_shape = (B, H, d, tiles_per_residue(N, d, tt), tt, packed_width(D, v))
-        OT = T.sblock_alloc_buffer(tile_shape, dtype)
-        OE = T.sblock_alloc_buffer(tile_shape, dtype)
-        for b, h, r in T.grid(B, H, d):  # the slab operand, zero outside the sequence
-            for m in range(total_rows(N, d, left, right)):
-                for k in range(packed_width(D, v)):
-                    with T.sblock("pack_zero"):
-                        vb, vh, vr, vm, vk = T.axis.remap("SSSSS", [b, h, r, m, k])
-                        T.where(m < right or m >= right + rows_in_residue(N, d, r) or k >= D)
-                        VP[vb, vh, vr, vm, vk] = zero
-                for k in range(D):
-                    with T.sblock("pack"):
-                        vb, vh, vr, vm, vk = T.axis.remap("SSSSS", [b, h, r, m, k])
-                        T.where(m >= right and m < right + rows_in_residue(N, d, r))
-                        VP[vb, vh, vr, vm, vk] = Xt[vb, (vm - right) * d + vr, vh, vk]
-        for b, h, blk, r in T.grid(B, H, tiles_per_residue(N, d, tt), d):
-            # a slab row copies tt consecutive G entries; the first and last tt - 1 slab rows (and
-            # rows outside the sequence) are partial: zeros, then a copy of the row's valid range
-            for o in range(slab(left, right)):
-                for i in range(T.if_then_else(full_row(N, d, r, left, right, blk, o), T.int64(0),
-                                              T.int64(tt))):
-                    with T.sblock("shear_zero"):
-                        vb, vh, vr, vblk, vo, vi = T.axis.remap("SSSSSS", [b, h, r, blk, o, i])
-                        PS[vb, vh, vr, vblk, vo, vi] = zero
-                for i in range(T.if_then_else(full_row(N, d, r, left, right, blk, o), T.int64(0),
-                                              inner_hi(N, d, r, left, right, blk, o)
-                                              - inner_lo(left, right, o))):
-                    with T.sblock("shear_edge"):
-                        vb, vh, vr, vblk, vo = T.axis.remap("SSSSS", [b, h, r, blk, o])
-                        vi = T.axis.spatial(tt, inner_lo(left, right, o) + i)
-                        PS[vb, vh, vr, vblk, vo, vi] = G[vb, (vblk * tt + vo - right) * d + vr, vh,
-                                                         left + right + vi - vo]
-            for o, i in T.grid(slab(left, right), T.int64(tt)):
-                with T.sblock("shear"):
-                    vb, vh, vr, vblk, vo, vi = T.axis.remap("SSSSSS", [b, h, r, blk, o, i])
-                    T.where(full_row(N, d, r, left, right, blk, o))
-                    PS[vb, vh, vr, vblk, vo, vi] = G[
-                        vb, (vblk * tt + vo - right) * d + vr, vh, left + right + vi - vo]
-            with T.sblock("acc_tile"):  # its own scope, so the GEMM can be scheduled alone
-                for io, q, ii, k in T.grid(T.int64(tt // rows), block_mid(rows, C), T.int64(rows),
-                                           packed_width(D, v)):
-                    with T.sblock("acc"):  # block row ii meets slab row io * rows + rows - 1 + q
-                        vb, vh, vr, vblk, vio, vq, vii, vk = T.axis.remap(
-                            "SSSSSRSS", [b, h, r, blk, io, q, ii, k])
-                        with T.init():
-                            OT[vb, vh, vr, vblk, vio * rows + vii, vk] = zero
-                        OT[vb, vh, vr, vblk, vio * rows + vii, vk] = (
-                            OT[vb, vh, vr, vblk, vio * rows + vii, vk]
-                            + PS[vb, vh, vr, vblk, vio * rows + (rows - 1) + vq, vio * rows + vii]
-                            * VP[vb, vh, vr, vblk * tt + vio * rows + (rows - 1) + vq, vk])
-            # a block row's edge slab rows, each row its own scope (the range is the row's)
-            for io, ii in T.grid(T.int64(tt // rows), T.int64(rows)):
-                with T.sblock("edge_row"):
-                    for e, k in T.grid(edge_range(rows, C, ii)[3], packed_width(D, v)):
-                        with T.sblock("acc_edge"):
-                            vb, vh, vr, vblk, vio, vii = T.axis.remap("SSSSSS", [b, h, r, blk, io, ii])
-                            ve = T.axis.reduce(T.int64(rows - 1), e)
-                            vk = T.axis.spatial(packed_width(D, v), k)
-                            with T.init():
-                                OE[vb, vh, vr, vblk, vio * rows + vii, vk] = zero
-                            OE[vb, vh, vr, vblk, vio * rows + vii, vk] = (
-                                OE[vb, vh, vr, vblk, vio * rows + vii, vk]
-                                + PS[vb, vh, vr, vblk, vio * rows + edge_col(rows, C, vii, ve),
-                                     vio * rows + vii]
-                                * VP[vb, vh, vr, vblk * tt + vio * rows + edge_col(rows, C, vii, ve), vk])
-            for ii, k in T.grid(tt, D):
-                with T.sblock("out"):
-                    vb, vh, vr, vblk, vii, vk = T.axis.remap("SSSSSS", [b, h, r, blk, ii, k])
-                    T.where((blk * tt + ii) * d + r < N)
-                    O[vb, (vblk * tt + vii) * d + vr, vh, vk] = (
-                        OT[vb, vh, vr, vblk, vii, vk] + OE[vb, vh, vr, vblk, vii, vk])
-
-    return band_tpv.with_attr("global_symbol", "band_pv_transposed")

@@ -19,7 +19,7 @@ PV's middle GEMM has no knob: its register block is the formulation's row group 
 vectors, because the loop that prefetches P's next rows is part of the formulation
 (:func:`tvm_kernels.cpu.kernels.make_pv`). The transposed product's register block height is part
 of its formulation too: it splits the GEMM into the slab rows in the band of the whole block and
-each row's edge (:func:`tvm_kernels.cpu.kernels.make_tpv`).
+each row's edge (:func:`tvm_kernels.cpu.tpv.make_tpv`).
 
 Those are *structural* choices (:data:`STRUCTURES`): each value is another function (QK's tile
 height ``tm`` and slab rounding ``panel_round``, PV's ``group`` and ``vecs``, transposed PV's
@@ -28,6 +28,8 @@ as above (:mod:`.tune`). The first structure of each list is the hand one.
 """
 
 from __future__ import annotations
+
+import re
 
 from tvm import s_tir
 
@@ -90,6 +92,25 @@ def hand_knobs(product: str, isa: str, structure: dict | None = None) -> dict:
     return knobs
 
 
+def _block(sch: s_tir.Schedule, base: str):
+    """The block named ``base`` or ``base_<n>``: TVM suffixes the blocks of a macro's later
+    expansions (the macros of :mod:`.kernels` and :mod:`.attention`)."""
+    names, stack = [], [sch.mod["main"].body]
+    while stack:  # the statement tree, as knobs_in walks it
+        node = stack.pop()
+        if hasattr(node, "iter_vars") and hasattr(node, "name_hint"):
+            names.append(str(node.name_hint))
+        for field in ("body", "block", "then_case", "else_case"):
+            child = getattr(node, field, None)
+            if child is not None:
+                stack.append(child)
+        stack.extend(getattr(node, "seq", None) or [])
+    found = [n for n in names if re.fullmatch(re.escape(base) + r"(_\d+)?", n)]
+    if len(found) != 1:
+        raise ValueError(f"schedule: expected one block named {base!r}, found {found}")
+    return sch.get_sblock(found[0])
+
+
 KNOB_PREFIX = "lftvm_knob_"
 
 
@@ -147,17 +168,18 @@ def _register_block(sch: s_tir.Schedule, block, tiles, outer, reduction, rows, c
 
 
 def schedule_qk(sch: s_tir.Schedule, knobs: dict) -> None:
-    """Parallel over tiles; the S block becomes a rows x (panels*V) register-blocked GEMM."""
-    s_blk, pack_blk = sch.get_sblock("S"), sch.get_sblock("pack")
-    tiles = sch.fuse(*sch.get_loops(sch.get_sblock("S_tile")))
-    ii, qo, qi, k = sch.get_loops(s_blk)
+    """Parallel over work units; the S block becomes a rows x (panels*V) register-blocked GEMM."""
+    # the unit loops (shared by every block) fused first, as for PV
+    units = sch.fuse(*sch.get_loops(_block(sch, "pack"))[:4])
+    sch.parallel(units)
+    s_blk, pack_blk = sch.get_sblock("S"), _block(sch, "pack")
+    ii, qo, qi, k = sch.get_loops(s_blk)[-4:]
     qoo, qoi = sch.split(qo, [None, _knob(sch, "qk", knobs, "panels", s_blk)])
     iio, iii = sch.split(ii, [None, _knob(sch, "qk", knobs, "rows", s_blk)])
     sch.reorder(qoo, iio, k, iii, qoi, qi)
-    _register_block(sch, s_blk, tiles, iio, k, rows=iii, cols=qoi, lanes=qi)
+    _register_block(sch, s_blk, None, iio, k, rows=iii, cols=qoi, lanes=qi)
     # the band read-off is a unit-stride row copy (LLVM vectorises it); interior panels pack
     # with one vector gather per (panel, k)
-    sch.parallel(sch.fuse(*sch.get_loops(pack_blk)[:3]))
     sch.vectorize(sch.get_loops(pack_blk)[-1])
 
 
