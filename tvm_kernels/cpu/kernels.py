@@ -60,6 +60,8 @@ STACK_BUFFER_BYTES = 1024
 CACHE_LINE_BYTES = 64
 #: Transposed PV's register block height (:func:`.tpv.make_tpv`): 4 x ``vecs`` accumulators.
 TPV_ROWS = 4
+#: Transposed PV's tile height (rows of output per tile; a multiple of its register block).
+TPV_TILE = 64
 #: PV's work units hold up to this many rows (more for wide bands; :func:`make_pv`).
 PV_UNIT_ROWS = 2048
 

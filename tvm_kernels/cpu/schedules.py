@@ -23,8 +23,8 @@ each row's edge (:func:`tvm_kernels.cpu.tpv.make_tpv`).
 
 Those are *structural* choices (:data:`STRUCTURES`): each value is another function (QK's tile
 height ``tm`` and slab rounding ``panel_round``, PV's ``group`` and ``vecs``, transposed PV's
-``rows``), so tuning enumerates them, each its own MetaSchedule workload whose knobs are sampled
-as above (:mod:`.tune`). The first structure of each list is the hand one.
+``rows`` and tile height ``tt``), so tuning enumerates them, each its own MetaSchedule workload
+whose knobs are sampled as above (:mod:`.tune`). The first structure of each list is the hand one.
 """
 
 from __future__ import annotations
@@ -53,14 +53,15 @@ HAND = {
 #: stack-buffer limit that keeps them in registers (:func:`tvm_kernels.cpu.kernels.pv_block_bytes`);
 #: 8 rows (1024 bytes) would not be, and without the prefetch measured no faster than 7. Fewer
 #: rows shorten the per-row edges that weigh on narrow bands. QK: a taller tile or a one-panel
-#: slab rounding (less of a narrow band's slab computed for nothing).
+#: slab rounding (less of a narrow band's slab computed for nothing). Transposed PV: a 2-row
+#: block or a 32-row tile (its 64-row tile reads G in longer runs; :func:`.tpv.make_tpv`).
 STRUCTURES = {
     32: {"qk": [{"tm": 1, "panel_round": 2}, {"tm": 2, "panel_round": 2}, {"tm": 1, "panel_round": 1}],
          "pv": [{"group": 7, "vecs": 2}, {"group": 4, "vecs": 2}, {"group": 3, "vecs": 4}],
-         "tpv": [{"rows": 4}, {"rows": 2}, {"rows": 8}]},
+         "tpv": [{"rows": 4, "tt": 64}, {"rows": 2, "tt": 64}, {"rows": 4, "tt": 32}]},
     16: {"qk": [{"tm": 1, "panel_round": 2}, {"tm": 2, "panel_round": 2}, {"tm": 1, "panel_round": 1}],
          "pv": [{"group": 4, "vecs": 2}, {"group": 6, "vecs": 2}, {"group": 2, "vecs": 4}],
-         "tpv": [{"rows": 4}, {"rows": 2}]},
+         "tpv": [{"rows": 4, "tt": 64}, {"rows": 2, "tt": 64}, {"rows": 4, "tt": 32}]},
 }
 
 

@@ -2,7 +2,7 @@
 
 The tiled formulation of :mod:`tvm_kernels.cpu.kernels` (residue layout, tiles, packing, ranges
 not masks), for the operand that runs along diagonals: the tile's slab of G is copied sheared.
-Signature (``TPV_ROWS`` a build-time structure)::
+Signature (``TPV_ROWS`` and ``TPV_TILE`` build-time structures)::
 
     band_pv_transposed (g[B,N,H,C], x, out[B,N,H,D], left, right, d)
 """
@@ -12,11 +12,11 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from ..band import ceil_div, operands, rows_in_residue, tiles_per_residue
-from .kernels import ALIGN, TPV_ROWS, block_mid, clamp, edge_col, edge_range, packed_width
+from ..band import operands, rows_in_residue, tiles_per_residue
+from .kernels import ALIGN, TPV_ROWS, TPV_TILE, block_mid, clamp, edge_col, edge_range, packed_width
 
 
-def make_tpv(dtype: str, v: int, rows: int = TPV_ROWS):
+def make_tpv(dtype: str, v: int, rows: int = TPV_ROWS, tt: int = TPV_TILE):
     """The adjoint of PV in P: ``out[j] = sum over the rows i whose band holds key j of
     G[i, j - i + left] X[i]``. The reduction runs over the tile's slab of rows.
 
@@ -24,13 +24,19 @@ def make_tpv(dtype: str, v: int, rows: int = TPV_ROWS):
     sheared operand ``PS[q, ii]`` holds ``G[slab row q, left + right + ii - q]`` (a slab row
     copies from one G row), zero where that is outside the band or the sequence.
 
-    The GEMM runs in blocks of ``rows`` output rows (the register block; ``TT`` a multiple of it).
+    The GEMM runs in blocks of ``rows`` output rows (the register block; the tile height ``tt`` a
+    multiple of it). A slab row copies ``tt`` consecutive entries of one G row, and G's rows lie
+    ``H * C`` entries apart; so a tall tile (64 rows: a 256-byte run of each fp32 row) reads G in
+    longer runs and pays its per-tile costs (the partial slab rows, the workspaces) less often:
+    1.04-1.22x over 16 rows, more as w grows (a software prefetch of the next tile's runs gained
+    1.04-1.1x at 16 rows and nothing at 64).
     Slab row q is in row ii's band when ``0 <= q - ii < C``: relative to the block, slab rows
     ``[rows - 1, C)`` are in every row's (``acc``), and each row takes its range of the others
     (``acc_edge``). So no zero of PS meets X (times an inf in X it would be a NaN in a row whose
     band never held it) but outside the sequence, where the packed X is zero too.
     """
-    tt = rows * ceil_div(v, rows)  # tile height: a multiple of the block (no panel alignment here)
+    if tt % rows:
+        raise ValueError(f"transposed PV's tile height {tt} must be a multiple of its block {rows}")
     zero = T.cast(0, dtype)
 
     def slab(left, right):
