@@ -108,7 +108,7 @@ class WorkUnits:
     head, residue), the parallel item; it packs its slab and then runs its tiles, so the GEMM
     reads the packed slab while it is in the core's cache, and the workspace is one unit's slab
     per thread. (Packing every head before all GEMMs wrote the slabs to memory and read them
-    back: PV 1.08x, QK 1.05-1.25x slower.) A unit holds up to ``rows`` rows or four times the
+    back: PV 1.08x, QK 1.05-1.55x slower.) A unit holds up to ``rows`` rows or four times the
     band's overlap, and there are at least two per residue, so one head spreads over two cores;
     a unit's overlap with the next is packed by both."""
 
@@ -158,6 +158,12 @@ def make_qk(dtype: str, v: int, tm: int = 1, panel_round: int = QK_PANEL_ROUND):
     def first_panel(N, d, left, right, u):  # residue panel of the unit's packed panel 0
         return u * unit_tiles(N, d, left, right) * tm
 
+    def packed_panels(N, d, left, right):  # a unit's packed panels (the last unit's may be fewer)
+        return unit_tiles(N, d, left, right) * tm + slab_panels(left, right)
+
+    def tile_panel(N, d, left, right, u, blk):  # unit u's packed panel where tile blk's slab starts
+        return (blk - u * unit_tiles(N, d, left, right)) * tm
+
     def key_of(N, d, left, right, u, p, pi):  # residue key of unit u's packed panel p, lane pi
         return (first_panel(N, d, left, right, u) + p) * v + pi - left
 
@@ -186,8 +192,7 @@ def make_qk(dtype: str, v: int, tm: int = 1, panel_round: int = QK_PANEL_ROUND):
         for p, k, pi in T.grid(extent, D, v):
             with T.sblock(name):
                 vu, vb, vh, vr, vk, vpi = T.axis.remap("SSSSSS", [u, b, h, r, k, pi])
-                vp = T.axis.spatial(unit_tiles(N, d, left, right) * tm + slab_panels(left, right),
-                                    start + p)
+                vp = T.axis.spatial(packed_panels(N, d, left, right), start + p)
                 if masked:
                     KP[vb, vh, vr, vu, vp, vk, vpi] = T.if_then_else(
                         key_of(N, d, left, right, vu, vp, vpi) >= 0
@@ -204,8 +209,7 @@ def make_qk(dtype: str, v: int, tm: int = 1, panel_round: int = QK_PANEL_ROUND):
         T.func_attr({"tirx.noalias": True})
         (B, N, H, D, C), (Q, K, O) = operands("qk", dtype, (q_h, k_h, o_h), ALIGN)
         KP = T.sblock_alloc_buffer((B, H, d, units(N, d, left, right),
-                                    unit_tiles(N, d, left, right) * tm + slab_panels(left, right),
-                                    D, v), dtype)
+                                    packed_panels(N, d, left, right), D, v), dtype)
         S = T.sblock_alloc_buffer(
             (B, H, d, tiles_per_residue(N, d, tt), tt, slab_panels(left, right), v), dtype)
         # units outermost, as PV's (the fused parallel loop splits by B, H and d)
@@ -231,15 +235,15 @@ def make_qk(dtype: str, v: int, tm: int = 1, panel_round: int = QK_PANEL_ROUND):
                             S[vb, vh, vr, vblk, vii, vqo, vqi] = (
                                 S[vb, vh, vr, vblk, vii, vqo, vqi]
                                 + Q[vb, T.min((vblk * tt + vii) * d + vr, N - 1), vh, vk]
-                                * KP[vb, vh, vr, vu, (vblk - vu * unit_tiles(N, d, left, right))
-                                     * tm + vqo, vk, vqi])
+                                * KP[vb, vh, vr, vu, tile_panel(N, d, left, right, vu, vblk) + vqo,
+                                     vk, vqi])
                 for ii in range(tt):
                     for j in range(band_lo(left, C, row(N, d, left, right, u, t, ii))):
                         with T.sblock("out_lo"):
                             vb, vh, vr, vii, vj = T.axis.remap("SSSSS", [b, h, r, ii, j])
                             vblk = T.axis.spatial(tiles_per_residue(N, d, tt),
                                                   tile(N, d, left, right, u, t))
-                            T.where((row(N, d, left, right, u, t, ii)) * d + r < N)
+                            T.where(row(N, d, left, right, u, t, ii) * d + r < N)
                             O[vb, (vblk * tt + vii) * d + vr, vh, vj] = T.cast(pad, dtype)
                     for j in range(band_hi(N, d, r, left, C, row(N, d, left, right, u, t, ii))
                                    - band_lo(left, C, row(N, d, left, right, u, t, ii))):
@@ -249,7 +253,7 @@ def make_qk(dtype: str, v: int, tm: int = 1, panel_round: int = QK_PANEL_ROUND):
                                                   tile(N, d, left, right, u, t))
                             vj = T.axis.spatial(
                                 C, band_lo(left, C, row(N, d, left, right, u, t, ii)) + j)
-                            T.where((row(N, d, left, right, u, t, ii)) * d + r < N)
+                            T.where(row(N, d, left, right, u, t, ii) * d + r < N)
                             O[vb, (vblk * tt + vii) * d + vr, vh, vj] = S[
                                 vb, vh, vr, vblk, vii, (vii + vj) // v, (vii + vj) % v]
                     for j in range(C - band_hi(N, d, r, left, C, row(N, d, left, right, u, t, ii))):
@@ -259,7 +263,7 @@ def make_qk(dtype: str, v: int, tm: int = 1, panel_round: int = QK_PANEL_ROUND):
                                                   tile(N, d, left, right, u, t))
                             vj = T.axis.spatial(
                                 C, band_hi(N, d, r, left, C, row(N, d, left, right, u, t, ii)) + j)
-                            T.where((row(N, d, left, right, u, t, ii)) * d + r < N)
+                            T.where(row(N, d, left, right, u, t, ii) * d + r < N)
                             O[vb, (vblk * tt + vii) * d + vr, vh, vj] = T.cast(pad, dtype)
 
     return band_qk.with_attr("global_symbol", "band_qk")
