@@ -171,9 +171,10 @@ def _register_block(sch: s_tir.Schedule, block, tiles, outer, reduction, rows, c
 def schedule_qk(sch: s_tir.Schedule, knobs: dict) -> None:
     """Parallel over work units; the S block becomes a rows x (panels*V) register-blocked GEMM."""
     # the unit loops (shared by every block) fused first, as for PV
-    units = sch.fuse(*sch.get_loops(_block(sch, "pack"))[:4])
+    pack_blk = _block(sch, "pack")
+    units = sch.fuse(*sch.get_loops(pack_blk)[:4])
     sch.parallel(units)
-    s_blk, pack_blk = sch.get_sblock("S"), _block(sch, "pack")
+    s_blk = sch.get_sblock("S")
     ii, qo, qi, k = sch.get_loops(s_blk)[-4:]
     qoo, qoi = sch.split(qo, [None, _knob(sch, "qk", knobs, "panels", s_blk)])
     iio, iii = sch.split(ii, [None, _knob(sch, "qk", knobs, "rows", s_blk)])
