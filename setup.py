@@ -27,7 +27,8 @@ PLATFORM = "manylinux_2_17_x86_64"
 #: (source in the repository, destination under the package, file patterns)
 TREE = [
     ("prebuilt", "prebuilt", ("**/*",)),
-    ("tvm_kernels", "_build/tvm_kernels", ("**/*.py", "**/*.h")),  # emulate.h: the CUDA emulator
+    # emulate.h: the CUDA emulator; threads.c: the CPU libraries' OpenMP launcher
+    ("tvm_kernels", "_build/tvm_kernels", ("**/*.py", "**/*.h", "**/*.c")),
     ("benchmarks", "_build/benchmarks", ("*.py",)),
     (".", "_build", ("build_kernels.py",)),
 ]

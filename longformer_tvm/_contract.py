@@ -122,7 +122,7 @@ SOURCES = {
     "cpu": ["tvm_kernels/band.py", "tvm_kernels/cpu/kernels.py", "tvm_kernels/cpu/tpv.py",
             "tvm_kernels/cpu/schedules.py",
             "tvm_kernels/cpu/attention.py", "tvm_kernels/cpu/attention_grad.py",
-            "tvm_kernels/cpu/attention_schedules.py"],
+            "tvm_kernels/cpu/attention_schedules.py", "tvm_kernels/cpu/threads.c"],
     "cuda": ["tvm_kernels/band.py", "tvm_kernels/cuda/kernels.py", "tvm_kernels/cuda/schedules.py"],
 }
 

@@ -3,13 +3,15 @@
 A CPU library runs here if it was built for this machine's architecture (its target triple) and
 every CPU feature its ISA level needs is in ``/proc/cpuinfo``; of those, the highest ISA level
 (``avx512`` > ``avx2`` > ``generic``) is loaded. A missing library is built into the cache on the
-first call when the TVM compiler is installed.
+first call when the TVM compiler is installed. A loaded library's kernels run on torch's OpenMP
+threads (:mod:`._threads`).
 """
 
 from __future__ import annotations
 
 import platform
 
+from . import _threads
 from ._contract import CPU_ISAS, DTYPES, host_cpu_features, host_isa
 from ._manifest import LibraryEntry
 from ._registry import Backend, Key
@@ -53,7 +55,10 @@ class CpuBackend(Backend):
     def repair_args(self, entry: LibraryEntry) -> list[str]:
         return ["--isa", entry.info.get("isa") or host_isa()]
 
+    def loaded(self, entry: LibraryEntry) -> None:
+        _threads.install(entry.path)
+
     def info(self) -> dict:
         features = host_cpu_features()
-        return {"isa": host_isa(),
+        return {"isa": host_isa(), "thread_pools": _threads.pools(),
                 "cpu_features": sorted(f for f in features if f.startswith(("avx", "fma", "sse4")))}

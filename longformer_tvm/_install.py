@@ -78,7 +78,8 @@ def cache_library_dir() -> Path:
 # Each reader returns the setting, or raises ValueError naming the variable, its value and what it
 # accepts. Where a variable is read decides what a bad value does: LONGFORMER_TVM_LOG_LEVEL (at
 # import) and LONGFORMER_TVM_POOL_MB (at import, _pool.py) warn and keep the default;
-# TVM_NUM_THREADS warns and is replaced when the runtime loads; LONGFORMER_TVM_BACKEND makes every
+# TVM_NUM_THREADS warns and is replaced when the runtime loads; LONGFORMER_TVM_THREAD_POOL warns and
+# keeps the default when a library loads (_threads.py); LONGFORMER_TVM_BACKEND makes every
 # band product raise. None of them makes ``import longformer_tvm`` fail, and backend_info() lists
 # them all under "errors".
 
@@ -86,6 +87,8 @@ LOG_LEVEL_ENV = "LONGFORMER_TVM_LOG_LEVEL"
 BACKEND_ENV = "LONGFORMER_TVM_BACKEND"
 POOL_ENV = "LONGFORMER_TVM_POOL_MB"
 THREADS_ENV = "TVM_NUM_THREADS"
+THREAD_POOL_ENV = "LONGFORMER_TVM_THREAD_POOL"
+THREAD_POOLS = ("torch", "tvm")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 BACKEND_MODES = ("auto", "reference")
 #: Idle output memory kept by default (MiB), see _pool.py.
@@ -143,10 +146,22 @@ def tvm_num_threads() -> int | None:
     return int(raw)
 
 
+def thread_pool() -> str | None:
+    """``LONGFORMER_TVM_THREAD_POOL``: the threads CPU kernels run on, ``torch`` (torch's OpenMP
+    threads) or ``tvm`` (TVM's own pool); None where unset (see :mod:`._threads`)."""
+    raw = _setting(THREAD_POOL_ENV)
+    if raw is None:
+        return None
+    if raw.lower() not in THREAD_POOLS:
+        raise ValueError(f"{THREAD_POOL_ENV}={raw!r} is not a thread pool: use 'torch' (torch's "
+                         "OpenMP threads, the default) or 'tvm' (TVM's own pool), or unset it")
+    return raw.lower()
+
+
 def setting_errors() -> list[str]:
     """What is wrong with the settings in the environment now ([] if nothing)."""
     errors = []
-    for read in (log_level, backend_mode, pool_limit_mb, tvm_num_threads):
+    for read in (log_level, backend_mode, pool_limit_mb, tvm_num_threads, thread_pool):
         try:
             read()
         except ValueError as exc:

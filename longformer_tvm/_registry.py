@@ -84,6 +84,9 @@ class Backend:
     def wrap(self, functions: dict, key: Key) -> dict:
         return functions
 
+    def loaded(self, entry: LibraryEntry) -> None:
+        """Called once a library of this device has been loaded (before its functions are used)."""
+
     def build_command(self, key: Key) -> str:
         """The command a user runs to build a library for ``key``."""
         raise NotImplementedError
@@ -328,6 +331,7 @@ class Registry:
                     raise KernelIntegrityError(
                         f"{entry.path} matches its sha256 but did not load ({exc}). "
                         f"{self._repair_hint(entry)}") from exc
+                self.backend(entry.device).loaded(entry)
                 self._modules[entry.path] = module
                 logger.info("loaded %s (%s, %s)", entry.path,
                             entry.info.get("isa") or entry.info.get("archs"), entry.dtype)

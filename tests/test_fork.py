@@ -15,8 +15,9 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
 DEADLINE_S = 120
 
-# The parent's first call starts a TVM pool of two threads (one worker besides the caller); the
-# child must then give the reference products.
+# The parent's first call runs on two threads (torch's OpenMP team, or TVM's pool under
+# LONGFORMER_TVM_THREAD_POOL=tvm); the child, whose kernels fall back to TVM's pool, must then give
+# the reference products.
 COMMON = textwrap.dedent("""
     import os, sys, time
     import torch

@@ -53,19 +53,20 @@ def temporary_beside(path: Path) -> Path:
     return Path(tmp)
 
 
-def write_library(module, path: Path) -> None:
-    """``module.export_library(path)``, readable by all and flushed to disk."""
-    module.export_library(str(path))
+def write_library(module, path: Path, addons=()) -> None:
+    """``module.export_library(path)`` (linking the C sources ``addons`` in too), readable by all
+    and flushed to disk."""
+    module.export_library(str(path), addons=[str(a) for a in addons])
     os.chmod(path, 0o755)
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
-def export_temporary(module, path: Path) -> Path:
-    """Export ``module`` to a new temporary name beside ``path``; returns that name."""
+def export_temporary(module, path: Path, addons=()) -> Path:
+    """Export ``module`` (and ``addons``) to a new temporary name beside ``path``; returns it."""
     tmp = temporary_beside(path)
     try:
-        write_library(module, tmp)
+        write_library(module, tmp, addons)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -131,6 +132,7 @@ def publish_file(tmp: Path, out_dir: Path, rel: Path, entry: dict) -> dict:
     return entry
 
 
-def publish_library(module, out_dir: Path, rel: Path, entry: dict) -> dict:
-    """Export ``module`` and publish it as ``out_dir/rel`` with ``entry`` (:func:`publish_file`)."""
-    return publish_file(export_temporary(module, out_dir / rel), out_dir, rel, entry)
+def publish_library(module, out_dir: Path, rel: Path, entry: dict, addons=()) -> dict:
+    """Export ``module`` (and the C sources ``addons``) and publish it as ``out_dir/rel`` with
+    ``entry`` (:func:`publish_file`)."""
+    return publish_file(export_temporary(module, out_dir / rel, addons), out_dir, rel, entry)

@@ -4,7 +4,9 @@ The three products of one dtype live in one library (``band_qk``, ``band_pv``,
 ``band_pv_transposed``) with the fused attention (``band_attention``,
 ``band_attention_backward``: :mod:`.attention`, :mod:`.attention_grad`). The products are
 scheduled by hand (:mod:`.schedules`), by replaying a tuning trace (:mod:`.tune`), or naive (the paper's formulation, :mod:`tvm_kernels.band`). The library and its
-manifest entry are published together (:func:`tvm_kernels.publish.publish_library`).
+manifest entry are published together (:func:`tvm_kernels.publish.publish_library`). Every
+CPU library links :data:`THREADS_SOURCE` in, the launcher that runs its kernels on torch's OpenMP
+threads (:mod:`longformer_tvm._threads`): :func:`export_cpu`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ logger = logging.getLogger("tvm_kernels")
 
 #: Every CPU product: the band products, then the fused attention (forward, backward).
 ALL_PRODUCTS = {**PRODUCTS, **FUSED_PRODUCTS}
+#: The C source every CPU library links: its parallel loops' launcher on OpenMP threads.
+THREADS_SOURCE = Path(__file__).with_name("threads.c")
+
+
+def export_cpu(module, path: Path) -> None:
+    """Export a compiled CPU module as a library at ``path``, with the launcher linked in (load it
+    with :func:`longformer_tvm._threads.install` after ``tvm_ffi.load_module`` to use it)."""
+    module.export_library(str(path), addons=[str(THREADS_SOURCE)])
 
 
 def structures(product: str, dtype: str, isa: str) -> list[dict]:
@@ -213,7 +223,7 @@ def build_cpu(dtype: str, isa: str, out_dir: Path, schedule_kind: str = "hand",
             "variants": table,
         }
         entry["functions"] = {p: rows[-1]["function"] for p, rows in table.items()}
-        entry = publish.publish_library(module, out_dir, rel, entry)
+        entry = publish.publish_library(module, out_dir, rel, entry, addons=[THREADS_SOURCE])
     logger.info("built %s (%s): %s", out_dir / rel, isa, entry["schedule"])
     return entry
 

@@ -93,20 +93,27 @@ def hand_knobs(product: str, isa: str, structure: dict | None = None) -> dict:
     return knobs
 
 
-def _block(sch: s_tir.Schedule, base: str):
-    """The block named ``base`` or ``base_<n>``: TVM suffixes the blocks of a macro's later
-    expansions (the macros of :mod:`.kernels` and :mod:`.attention`)."""
-    names, stack = [], [sch.mod["main"].body]
-    while stack:  # the statement tree, as knobs_in walks it
+def _blocks(func):
+    """Every block of ``func``'s statement tree, depth first."""
+    stack = [func.body]
+    while stack:
         node = stack.pop()
+        if node is None or isinstance(node, (int, float, str)):
+            continue
         if hasattr(node, "iter_vars") and hasattr(node, "name_hint"):
-            names.append(str(node.name_hint))
-        for field in ("body", "block", "then_case", "else_case"):
+            yield node
+        for field in ("body", "block", "then_case", "else_case", "init"):
             child = getattr(node, field, None)
             if child is not None:
                 stack.append(child)
         stack.extend(getattr(node, "seq", None) or [])
-    found = [n for n in names if re.fullmatch(re.escape(base) + r"(_\d+)?", n)]
+
+
+def _block(sch: s_tir.Schedule, base: str):
+    """The block named ``base`` or ``base_<n>``: TVM suffixes the blocks of a macro's later
+    expansions (the macros of :mod:`.kernels` and :mod:`.attention`)."""
+    found = [str(b.name_hint) for b in _blocks(sch.mod["main"])
+             if re.fullmatch(re.escape(base) + r"(_\d+)?", str(b.name_hint))]
     if len(found) != 1:
         raise ValueError(f"schedule: expected one block named {base!r}, found {found}")
     return sch.get_sblock(found[0])
@@ -130,23 +137,10 @@ def _knob(sch: s_tir.Schedule, product: str, knobs: dict, name: str, block, spac
 def knobs_in(func) -> dict:
     """The knob annotations of a scheduled product: {name: value}."""
     found: dict = {}
-    stack = [func.body]
-    while stack:
-        node = stack.pop()
-        if node is None:
-            continue
-        annotations = getattr(node, "annotations", None)
-        if annotations is not None and hasattr(node, "iter_vars"):  # a block
-            for key, val in annotations.items():
-                if str(key).startswith(KNOB_PREFIX):
-                    found[str(key)[len(KNOB_PREFIX):]] = int(val)
-        for field in ("body", "block", "then_case", "else_case", "init"):
-            child = getattr(node, field, None)
-            if child is not None and not isinstance(child, (int, float, str)):
-                stack.append(child)
-        seq = getattr(node, "seq", None)
-        if seq is not None:
-            stack.extend(seq)
+    for block in _blocks(func):
+        for key, val in block.annotations.items():
+            if str(key).startswith(KNOB_PREFIX):
+                found[str(key)[len(KNOB_PREFIX):]] = int(val)
     return found
 
 
@@ -208,8 +202,8 @@ def schedule_pv(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
 
 
 def schedule_tpv(sch: s_tir.Schedule, knobs: dict, v: int) -> None:
-    """Parallel over tiles; the middle GEMM (acc) becomes a TPV_ROWS x (vecs*V) register block
-    over the formulation's row blocks, and the edge GEMM (acc_edge, a range of slab rows per row)
+    """Parallel over tiles; the middle GEMM (acc) becomes a rows x (vecs*V) register block over
+    the formulation's row blocks (``rows``: its structure), and the edge GEMM (acc_edge, a range of slab rows per row)
     a 1 x (vecs*V) one."""
     acc_blk, pack_blk = sch.get_sblock("acc"), sch.get_sblock("pack")
     tiles = sch.fuse(*sch.get_loops(sch.get_sblock("acc_tile")))

@@ -29,7 +29,9 @@ def make_tpv(dtype: str, v: int, rows: int = TPV_ROWS, tt: int = TPV_TILE):
     ``H * C`` entries apart; so a tall tile (64 rows: a 256-byte run of each fp32 row) reads G in
     longer runs and pays its per-tile costs (the partial slab rows, the workspaces) less often:
     1.04-1.22x over 16 rows, more as w grows (a software prefetch of the next tile's runs gained
-    1.04-1.1x at 16 rows and nothing at 64).
+    1.04-1.1x at 16 rows and nothing at 64; reading G in place in the GEMM, with no sheared copy,
+    measured 0.85x at w=64 and 0.68x at w=256: each reduction step broadcasts from another G row).
+
     Slab row q is in row ii's band when ``0 <= q - ii < C``: relative to the block, slab rows
     ``[rows - 1, C)`` are in every row's (``acc``), and each row takes its range of the others
     (``acc_edge``). So no zero of PS meets X (times an inf in X it would be a NaN in a row whose
