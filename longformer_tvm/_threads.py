@@ -12,9 +12,10 @@ only the threads it runs on change, and their number follows ``torch.set_num_thr
 ``LONGFORMER_TVM_THREAD_POOL`` chooses: ``torch`` (the default) or ``tvm`` (TVM's pool, sized by
 ``TVM_NUM_THREADS``; the default when the user set that variable). TVM's pool also serves where
 torch's runtime is not OpenMP or cannot be found, a library built before the launcher existed,
-and a child made by ``fork()`` (a GNU OpenMP team there would wait for threads that do not exist;
-the launcher checks the process id), where :class:`._install.ForkedThreadPool` keeps it from
-hanging as before.
+and a child made by ``fork()`` (a GNU OpenMP team there would wait for threads that do not exist,
+as torch's own ops do with more than one thread): libraries loaded before the fork fall back in
+the child (the launcher checks the process id), and libraries the child loads are not given the
+launcher; :class:`._install.ForkedThreadPool` keeps TVM's pool from hanging there as before.
 """
 
 from __future__ import annotations
@@ -38,6 +39,20 @@ _OPENMP_PREFIXES = ("libgomp", "libiomp", "libomp")
 _lock = threading.Lock()
 _runtime: tuple[ctypes.CDLL, str] | None | bool = False  # False: not looked for yet
 _libraries: dict[str, str] = {}  # library path -> the pool its kernels run on
+_FORKED = "tvm (a child made by fork())"
+_forked = False  # this process is a child made by fork() of the one that imported the package
+
+
+def _after_fork_in_child() -> None:
+    global _lock, _forked
+    _lock, _forked = threading.Lock(), True
+    # the launcher already sends these libraries' loops to TVM's pool here (it checks the pid)
+    for path in _libraries:
+        _libraries[path] = _FORKED
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _loaded_openmp() -> list[str]:
@@ -110,6 +125,8 @@ def install(path: Path | str) -> str:
 
 
 def _install_in(path: str) -> str:
+    if _forked:  # torch's team may be the parent's, whose threads the child lacks
+        return _FORKED
     if _wanted() == "tvm":
         return "tvm (chosen by the settings)"
     runtime = openmp_runtime()

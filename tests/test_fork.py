@@ -91,6 +91,41 @@ DATALOADER = COMMON + textwrap.dedent("""
 """)
 
 
+# fork() after torch's OpenMP team ran but before any kernel: the child loads the libraries itself,
+# and its kernels must not use that team (GNU OpenMP's would wait for threads left in the parent)
+FORK_BEFORE_FIRST_CALL = textwrap.dedent("""
+    import os, sys, time
+    import torch
+    import longformer_tvm as lt
+    from longformer_tvm import reference
+    from longformer_tvm._checks import normalize_band
+
+    torch.mm(torch.randn(512, 512), torch.randn(512, 512))  # torch's team of two starts
+    pid = os.fork()
+    if pid == 0:
+        band = normalize_band("test", 40, [1, 3], False, 2)
+        q, k = (torch.randn(1, 1000, 2, 32, dtype=torch.float64) for _ in range(2))
+        got = lt.sliding_window_qk(q, k, 40, [1, 3], padding_value=-1.0)
+        torch.set_num_threads(1)  # the reference's torch ops would hang here on two threads
+        ok = torch.allclose(got, reference.band_qk(q, k, band, -1.0), rtol=1e-9, atol=1e-9)
+        pools = lt.backend_info()["cpu"]["thread_pools"]
+        ok = ok and all(p.startswith("tvm (") for p in pools.values())
+        os._exit(0 if ok else 3)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        sys.exit("the forked child hung in its first kernel call")
+    assert os.waitstatus_to_exitcode(status) == 0, f"child failed: {status}"
+    print("ok")
+""")
+
+
 def _run(code: str, env_threads: str | None) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
     if env_threads is not None:
@@ -132,3 +167,7 @@ def test_forked_thread_is_guarded_only_in_a_child(monkeypatch):
     assert state.guard(kernel) is not kernel
     monkeypatch.setenv("TVM_NUM_THREADS", "1")  # TVM runs single-threaded kernels inline
     assert state.guard(kernel) is kernel
+
+
+def test_child_of_fork_before_any_kernel_keeps_off_the_parents_openmp_team():
+    _run(FORK_BEFORE_FIRST_CALL, None)
