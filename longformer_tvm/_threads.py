@@ -117,7 +117,12 @@ def install(path: Path | str) -> str:
     with _lock:
         if path in _libraries:
             return _libraries[path]
-    pool = _install_in(path)
+    try:
+        pool = _install_in(path)
+    except Exception as exc:  # noqa: BLE001  (the kernels still run, on TVM's pool)
+        logger.warning("could not put %s's kernels on torch's threads (%s: %s); they use TVM's "
+                       "thread pool", path, type(exc).__name__, exc)
+        pool = f"tvm ({type(exc).__name__}: {exc})"
     with _lock:
         _libraries[path] = pool
     logger.info("CPU kernels of %s run on %s", path, pool)

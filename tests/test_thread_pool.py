@@ -136,3 +136,12 @@ def test_install_needs_the_launcher_and_changes_no_result(monkeypatch):
     assert torch.equal(before, after)
     assert torch.equal(after, ops.apply_kernel(old, q, k, band, torch.empty_like(after), -1.0))
     assert _threads.pools()[str(new_path)].startswith("torch (")
+
+
+def test_a_failing_install_leaves_the_library_on_tvms_pool(monkeypatch, caplog, tmp_path):
+    def broken(path):
+        raise OSError("planted")
+
+    monkeypatch.setattr(_threads, "_install_in", broken)
+    assert _threads.install(tmp_path / "x.so") == "tvm (OSError: planted)"
+    assert "could not put" in caplog.text
