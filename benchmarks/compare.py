@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import longformer_tvm as lt
-from longformer_tvm import _threads, backends, ops
+from longformer_tvm import backends, ops
 from longformer_tvm._checks import normalize_band
 from longformer_tvm._contract import window_class
 from longformer_tvm._registry import Dispatch
@@ -49,7 +49,6 @@ def _schedule_libraries(quick: bool) -> tuple[dict, dict]:
     if quick or not backends.compiler_available():
         return libs, names
     import tvm
-    import tvm_ffi
 
     from longformer_tvm._contract import PRODUCTS
     from tvm_kernels.cpu import build
@@ -61,9 +60,7 @@ def _schedule_libraries(quick: bool) -> tuple[dict, dict]:
         funcs = {PRODUCTS[p]: build.scheduled_func(p, "float32", target, schedule)
                  for p in ("qk", "pv", "tpv")}
         path = tmp / f"{schedule}.so"
-        build.export_cpu(tvm.compile(tvm.IRModule(funcs), target=target.llvm()), path)
-        module = tvm_ffi.load_module(str(path))
-        _threads.install(path)  # on the threads the shipped library's kernels use
+        module = build.load_cpu(tvm.compile(tvm.IRModule(funcs), target=target.llvm()), path)
         libs[schedule] = {p: module[s] for p, s in PRODUCTS.items()}
         names[schedule] = schedule
     return libs, names

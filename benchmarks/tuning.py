@@ -23,7 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import baselines as bl  # noqa: E402
-from longformer_tvm import _threads, backends, ops  # noqa: E402
+from longformer_tvm import backends, ops  # noqa: E402
 from longformer_tvm._checks import normalize_band  # noqa: E402
 from longformer_tvm._contract import WINDOW_CLASSES  # noqa: E402
 from longformer_tvm._registry import Dispatch  # noqa: E402
@@ -34,15 +34,11 @@ PRODUCTS = ("qk", "pv", "tpv", "attention")
 
 def hand_library(isa: str) -> dict:
     """{product: function} of the hand schedules for ``isa``, float32, compiled now."""
-    import tvm_ffi
-
     from tvm_kernels.cpu import build
     from tvm_kernels.cpu.targets import CPU_TARGETS
 
     path = Path(tempfile.mkdtemp(prefix="lftvm-hand-")) / "hand.so"
-    build.export_cpu(build.compile_cpu("float32", CPU_TARGETS[isa]), path)
-    module = tvm_ffi.load_module(str(path))
-    _threads.install(path)  # on the threads the shipped library's kernels use
+    module = build.load_cpu(build.compile_cpu("float32", CPU_TARGETS[isa]), path)
     return {p: module[s] for p, s in build.ALL_PRODUCTS.items()}
 
 

@@ -43,7 +43,23 @@ COMMON = textwrap.dedent("""
     PARENT_THREADS = os.environ["TVM_NUM_THREADS"]
 """)
 
-BARE_FORK = COMMON + textwrap.dedent("""
+# The parent's wait for a forked child: its exit code; a child that hangs is killed and fails the run.
+WAIT_FOR_CHILD = textwrap.dedent("""
+    import os, sys, time
+
+    def wait_for(pid):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.05)
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        sys.exit("the forked child hung in its first kernel call")
+""")
+
+BARE_FORK = COMMON + WAIT_FOR_CHILD + textwrap.dedent("""
     q2 = q * 2  # (here: a large elementwise op in the child would use torch's pool)
     pid = os.fork()
     if pid == 0:
@@ -53,17 +69,8 @@ BARE_FORK = COMMON + textwrap.dedent("""
         ok = matches(got, q2, k)
         print("child TVM_NUM_THREADS", os.environ["TVM_NUM_THREADS"], flush=True)
         os._exit(0 if ok else 3)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        time.sleep(0.05)
-    else:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        sys.exit("the forked child hung in its first kernel call")
-    assert os.waitstatus_to_exitcode(status) == 0, f"child failed: {status}"
+    code = wait_for(pid)
+    assert code == 0, f"child failed: {code}"
     assert matches(products(q, k * 3), q, k * 3)  # the parent is unaffected
     assert os.environ["TVM_NUM_THREADS"] == PARENT_THREADS
     print("ok")
@@ -93,8 +100,7 @@ DATALOADER = COMMON + textwrap.dedent("""
 
 # fork() after torch's OpenMP team ran but before any kernel: the child loads the libraries itself,
 # and its kernels must not use that team (GNU OpenMP's would wait for threads left in the parent)
-FORK_BEFORE_FIRST_CALL = textwrap.dedent("""
-    import os, sys, time
+FORK_BEFORE_FIRST_CALL = WAIT_FOR_CHILD + textwrap.dedent("""
     import torch
     import longformer_tvm as lt
     from longformer_tvm import reference
@@ -111,17 +117,8 @@ FORK_BEFORE_FIRST_CALL = textwrap.dedent("""
         pools = lt.backend_info()["cpu"]["thread_pools"]
         ok = ok and all(p.startswith("tvm (") for p in pools.values())
         os._exit(0 if ok else 3)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        time.sleep(0.05)
-    else:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        sys.exit("the forked child hung in its first kernel call")
-    assert os.waitstatus_to_exitcode(status) == 0, f"child failed: {status}"
+    code = wait_for(pid)
+    assert code == 0, f"child failed: {code}"
     print("ok")
 """)
 
