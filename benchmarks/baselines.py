@@ -17,6 +17,21 @@ import torch
 from .memory import reset_peak_rss, status_kib
 
 
+def load_compiled(module, path):
+    """A CPU module compiled now, exported to ``path`` and loaded with its kernels on the threads
+    the shipped libraries' kernels run on (``tvm_kernels`` takes only the runtime's contract, so
+    this lives with the tools that time such libraries beside the shipped ones)."""
+    import tvm_ffi
+
+    from longformer_tvm import _threads
+    from tvm_kernels.cpu import build
+
+    build.export_cpu(module, path)
+    loaded = tvm_ffi.load_module(str(path))
+    _threads.install(path)
+    return loaded
+
+
 def flops_band(b: int, n: int, h: int, d: int, c: int) -> float:
     """Useful FLOPs of one band product (QK or PV): 2 * B * N * H * C * D."""
     return 2.0 * b * n * h * c * d

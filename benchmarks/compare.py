@@ -60,7 +60,7 @@ def _schedule_libraries(quick: bool) -> tuple[dict, dict]:
         funcs = {PRODUCTS[p]: build.scheduled_func(p, "float32", target, schedule)
                  for p in ("qk", "pv", "tpv")}
         path = tmp / f"{schedule}.so"
-        module = build.load_cpu(tvm.compile(tvm.IRModule(funcs), target=target.llvm()), path)
+        module = bl.load_compiled(tvm.compile(tvm.IRModule(funcs), target=target.llvm()), path)
         libs[schedule] = {p: module[s] for p, s in PRODUCTS.items()}
         names[schedule] = schedule
     return libs, names

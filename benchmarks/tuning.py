@@ -38,7 +38,7 @@ def hand_library(isa: str) -> dict:
     from tvm_kernels.cpu.targets import CPU_TARGETS
 
     path = Path(tempfile.mkdtemp(prefix="lftvm-hand-")) / "hand.so"
-    module = build.load_cpu(build.compile_cpu("float32", CPU_TARGETS[isa]), path)
+    module = bl.load_compiled(build.compile_cpu("float32", CPU_TARGETS[isa]), path)
     return {p: module[s] for p, s in build.ALL_PRODUCTS.items()}
 
 

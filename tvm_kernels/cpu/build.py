@@ -40,19 +40,6 @@ def export_cpu(module, path: Path) -> None:
     module.export_library(str(path), addons=[str(THREADS_SOURCE)])
 
 
-def load_cpu(module, path: Path):
-    """:func:`export_cpu` to ``path``, then load the library with its kernels on the threads the
-    shipped libraries' kernels run on (for tools that time libraries compiled now beside them)."""
-    import tvm_ffi
-
-    from longformer_tvm import _threads
-
-    export_cpu(module, path)
-    loaded = tvm_ffi.load_module(str(path))
-    _threads.install(path)
-    return loaded
-
-
 def structures(product: str, dtype: str, isa: str) -> list[dict]:
     """A product's structural choices (formulation parameters) on an ISA level, the hand one first."""
     if product in PRODUCTS:
